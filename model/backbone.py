@@ -136,8 +136,9 @@ def backbone_from_config(config: Any, tokenizer: Any, seed: int = 0) -> Backbone
 class LayerRunner:
     """Run an encoder layer by layer: embed -> context -> layer(i) ... (BERT family and DeBERTa-v2)."""
 
-    def __init__(self, model: nn.Module, family: str):
+    def __init__(self, model: nn.Module, family: str, layers: nn.ModuleList | None = None):
         self.model, self.family = model, family
+        self.layers = layers if layers is not None else model.encoder.layer  # e.g. copies with LoRA injected
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Token + position (+ type) embeddings, (B, T, d)."""
@@ -162,7 +163,7 @@ class LayerRunner:
 
     def layer(self, i: int, hidden: torch.Tensor, ctx: dict[str, Any], first_input: torch.Tensor | None = None):
         """Layer i on (B, T, d) hidden states; `first_input` is the embedding output (DeBERTa's conv at layer 0)."""
-        module = self.model.encoder.layer[i]
+        module = self.layers[i]
         if self.family == "deberta-v2":
             out, _ = module(
                 hidden,
@@ -180,6 +181,6 @@ class LayerRunner:
         """The whole encoder, layer by layer; equals the model's own forward (tested)."""
         h = self.embed(input_ids, attention_mask)
         ctx, first = self.context(h, attention_mask), h
-        for i in range(len(self.model.encoder.layer)):
+        for i in range(len(self.layers)):
             h = self.layer(i, h, ctx, first)
         return h

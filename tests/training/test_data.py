@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from training.data import (
-    PLACEHOLDER_TITLE, PopularitySampler, User, check_domain, load_domain, read_catalog, read_users, split_train_val,
+    PLACEHOLDER_TITLE,
+    PopularitySampler,
+    User,
+    check_domain,
+    load_domain,
+    read_catalog,
+    read_users,
+    split_train_val,
 )
 
 

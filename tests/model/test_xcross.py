@@ -1,0 +1,241 @@
+"""X-Cross fast path vs a naive reference (peft, one adapter at a time, Python loop over eq. 5), and the rest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.backbone import LayerRunner
+from model.lora import LoraConfig, LoraWeights
+from model.params import head_params, lora_params, report, xcross_params
+from model.source import SourceLoraModel, peft_config
+from model.xcross import Head, Integrator, XCross, XCrossConfig, listwise_loss
+from tests.tiny import tiny_backbone
+
+PROMPTS = [
+    "History: 1: claw hammer 2: tape measure Candidate: cordless drill",
+    "History: 1: lego set Candidate: puzzle",
+    "History: 1: usb cable 2: hdmi cable 3: mouse pad Candidate: keyboard with backlight",
+]
+
+
+def random_lora(backbone, seed: int, std: float = 0.05) -> LoraWeights:
+    """A LoRA with non-zero A and B on the family's target modules (peft would init B = 0)."""
+    import re
+
+    g = torch.Generator().manual_seed(seed)
+    A, B = {}, {}
+    for name, mod in backbone.model.named_modules():
+        if re.fullmatch(backbone.lora_targets, name):
+            A[name] = torch.randn(16, mod.in_features, generator=g) * std
+            B[name] = torch.randn(mod.out_features, 16, generator=g) * std
+    return LoraWeights(A, B, 32 / 16)
+
+
+def batch(backbone):
+    enc = backbone.tokenizer(PROMPTS, padding=True, return_tensors="pt")
+    assert (enc["attention_mask"] == 0).any()  # padding in the batch
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def randomize_trainables(model: XCross, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (0.5 if p.ndim == 1 and p.numel() <= 3 else 0))
+
+
+def naive_xcross(family: str, loras: list[LoraWeights], model: XCross, ids, mask) -> torch.Tensor:
+    """Reference: peft adapters toggled with set_adapter, one stream at a time, layer by layer, eq. 5 as a loop."""
+    from peft import get_peft_model
+
+    bb = tiny_backbone(family)  # same seed -> same frozen weights as the model's backbone
+    n, cfg = len(loras), model.config
+    peft_model = get_peft_model(bb.model, peft_config(bb, LoraConfig(dropout=0.0)), adapter_name="s0")
+    for i in range(1, n):
+        peft_model.add_adapter(f"s{i}", peft_config(bb, LoraConfig(dropout=0.0)))
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if hasattr(module, "lora_A") and "s0" in module.lora_A:
+                path = name.removeprefix("base_model.model.")
+                for i, lora in enumerate(loras):
+                    module.lora_A[f"s{i}"].weight.copy_(lora.A[path])
+                    module.lora_B[f"s{i}"].weight.copy_(lora.B[path])
+                    assert module.scaling[f"s{i}"] == lora.scale
+    peft_model.eval()
+    runner = LayerRunner(peft_model.base_model.model, family)
+    h0 = runner.embed(ids, mask)
+    ctx = runner.context(h0, mask)
+    hs = [h0] * n
+    for l in range(bb.num_layers):
+        outs = []
+        for m in range(n):
+            peft_model.set_adapter(f"s{m}")
+            outs.append(runner.layer(l, hs[m], ctx, h0))
+        if str(l) in model.integrators:
+            W = model.integrators[str(l)].W_concat.weight  # (2n(n-1), n*d)
+            z = torch.cat(outs, -1) @ W.T  # (B, T, 2n(n-1))
+            refined = []
+            for m in range(n):
+                acc = outs[m].clone()
+                others = [j for j in range(n) if j != m]
+                for jj, mp in enumerate(others):
+                    z_direct = z[..., m * (n - 1) + jj, None]
+                    z_inter = z[..., n * (n - 1) + m * (n - 1) + jj, None]
+                    acc = acc + cfg.beta * z_direct * outs[mp] + cfg.gamma * z_inter * (outs[m] - outs[mp])
+                refined.append(acc)
+            outs = refined
+        hs = outs
+    h_final = sum(model.w[m] * hs[m][:, 0] for m in range(n))
+    return model.head(h_final)
+
+
+@pytest.mark.parametrize("family", ["bert", "deberta-v2"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_fast_path_matches_naive_reference(family, n):
+    bb = tiny_backbone(family)
+    loras = [random_lora(bb, seed=s) for s in range(n)]
+    model = XCross(bb, loras, XCrossConfig(n_streams=n, top_k=2)).eval()
+    randomize_trainables(model)
+    ids, mask = batch(bb)
+    with torch.no_grad():
+        fast = model(ids, mask)
+        ref = naive_xcross(family, loras, model, ids, mask)
+    assert fast.shape == (3,)
+    assert (fast - ref).abs().max().item() < 1e-4
+    # and the integration is doing something: with the integrators removed the scores differ
+    plain = XCross(bb, loras, XCrossConfig(n_streams=n, top_k=0), head=model.head).eval()
+    plain.w.data.copy_(model.w.data)
+    with torch.no_grad():
+        assert (plain(ids, mask) - fast).abs().max().item() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["bert", "deberta-v2"])
+def test_single_stream_equals_peft_source_model(family):
+    src = SourceLoraModel(tiny_backbone(family), LoraConfig(dropout=0.0)).eval()
+    with torch.no_grad():
+        for name, p in src.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    bb = tiny_backbone(family)
+    ids, mask = batch(bb)
+    fast = XCross(bb, [src.lora_weights()], XCrossConfig(n_streams=1, top_k=0), head=src.head).eval()
+    with torch.no_grad():
+        assert (fast(ids, mask) - src(ids, mask)).abs().max().item() < 1e-5
+
+
+def test_padding_does_not_change_a_prompts_score():
+    bb = tiny_backbone("bert")
+    model = XCross(bb, [random_lora(bb, 0), random_lora(bb, 1)], XCrossConfig(top_k=2)).eval()
+    randomize_trainables(model)
+    ids, mask = batch(bb)
+    alone = bb.tokenizer(PROMPTS[1:2], return_tensors="pt")
+    with torch.no_grad():
+        assert abs(model(ids, mask)[1] - model(alone["input_ids"], alone["attention_mask"])[0]).item() < 1e-5
+
+
+def test_only_integrators_w_and_head_are_trainable_and_get_gradients():
+    bb = tiny_backbone("bert")
+    model = XCross(bb, [random_lora(bb, 0), random_lora(bb, 1)], XCrossConfig(top_k=1))
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"w", "integrators.1.W_concat.weight", "head.pooler.weight", "head.pooler.bias",
+                         "head.scorer.weight", "head.scorer.bias"}
+    ids, mask = batch(bb)
+    listwise_loss(model(ids, mask), group=3).backward()
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None, name
+    for name, buf in model.named_buffers():
+        assert not buf.requires_grad and buf.grad is None, name
+    assert not any(p.requires_grad or p.grad is not None for p in bb.model.parameters())
+
+
+def test_eq5_on_a_hand_computed_example():
+    integ = Integrator(n=2, d=2, beta=0.5, gamma=0.4, init_std=0.0)
+    # z = W h_concat; rows: direct(m=0, m'=1), direct(m=1, m'=0), inter(0,1), inter(1,0)
+    integ.W_concat.weight.data = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    h0, h1 = torch.tensor([2.0, 3.0]), torch.tensor([5.0, 7.0])
+    h = torch.stack([h0, h1]).view(2, 1, 1, 2)  # (n, B, T, d)
+    out = integ(h).view(2, 2)
+    z = torch.tensor([2.0, 3.0, 5.0, 7.0])
+    want0 = h0 + 0.5 * z[0] * h1 + 0.4 * z[2] * (h0 - h1)
+    want1 = h1 + 0.5 * z[1] * h0 + 0.4 * z[3] * (h1 - h0)
+    torch.testing.assert_close(out, torch.stack([want0, want1]))
+
+
+def test_ablation_options():
+    bb = tiny_backbone("bert")
+    loras = [random_lora(bb, 0), random_lora(bb, 1)]
+    ids, mask = batch(bb)
+    # -Interactions: gamma = 0 makes the interaction half of W_concat irrelevant
+    m = XCross(bb, loras, XCrossConfig(top_k=2, gamma=0.0)).eval()
+    randomize_trainables(m)
+    with torch.no_grad():
+        before = m(ids, mask)
+        for integ in m.integrators.values():
+            integ.W_concat.weight[2:].normal_()
+        torch.testing.assert_close(m(ids, mask), before)
+    # -Layers: K = 1 integrates at the last layer only
+    assert list(XCross(bb, loras, XCrossConfig(top_k=1)).integrators) == ["1"]
+    # -Experts: one stream, nothing to integrate
+    one = XCross(bb, loras[:1], XCrossConfig(n_streams=1, top_k=0))
+    assert len(one.integrators) == 0 and one(ids, mask).shape == (3,)
+    with pytest.raises(ValueError, match="top_k"):
+        XCrossConfig(n_streams=1, top_k=1)
+    with pytest.raises(ValueError, match="n_streams=3 but 2 LoRAs"):
+        XCross(bb, loras, XCrossConfig(n_streams=3))
+
+
+def test_lower_layers_run_once_when_loras_adapt_only_the_top():
+    """Shared-lower-layers: LoRA only on layer 1 -> layer 0 runs on B rows; same scores as folding from layer 0."""
+    bb = tiny_backbone("bert")
+    loras = []
+    for s in range(2):
+        full = random_lora(bb, s)
+        keep = [k for k in full.A if ".layer.1." in k]
+        loras.append(LoraWeights({k: full.A[k] for k in keep}, {k: full.B[k] for k in keep}, full.scale))
+    model = XCross(bb, loras, XCrossConfig(top_k=1)).eval()
+    assert model.encoder.fold_at == 1
+    randomize_trainables(model)
+    ids, mask = batch(bb)
+    with torch.no_grad():
+        shared = model(ids, mask)
+        model.encoder.fold_at = 0
+        torch.testing.assert_close(model(ids, mask), shared, atol=1e-5, rtol=0)
+
+
+def test_mean_of_loras_is_the_mean_delta():
+    bb = tiny_backbone("bert")
+    a, b = random_lora(bb, 0), random_lora(bb, 1)
+    mean = LoraWeights.mean([a, b])
+    for m in a.modules:
+        torch.testing.assert_close(mean.delta(m), (a.delta(m) + b.delta(m)) / 2)
+    assert mean.rank == 32
+
+
+def test_listwise_loss_is_softmax_nll_of_the_positive():
+    scores = torch.tensor([3.0, 1.0, 0.0, 0.0, 2.0, 5.0])
+    expected = -(torch.log_softmax(scores[:3], 0)[0] + torch.log_softmax(scores[3:], 0)[0]) / 2
+    torch.testing.assert_close(listwise_loss(scores, group=3), expected)
+    assert abs(listwise_loss(torch.zeros(30), 30).item() - torch.log(torch.tensor(30.0)).item()) < 1e-6
+
+
+def test_head_is_fp32_under_bf16_autocast():
+    head = Head(8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert head(torch.randn(4, 8, dtype=torch.bfloat16)).dtype == torch.float32
+
+
+def test_parameter_accounting_matches_real_models():
+    bb = tiny_backbone("bert")
+    d, L = bb.hidden_size, bb.num_layers
+    src = SourceLoraModel(tiny_backbone("bert"))
+    assert sum(p.numel() for p in src.parameters() if p.requires_grad) == lora_params(d, L) + head_params(d)
+    model = XCross(bb, [random_lora(bb, 0), random_lora(bb, 1)], XCrossConfig(top_k=2))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == xcross_params(d, 2, 2) + head_params(d)
+    minilm, deberta = report(384, 6), report(768, 12, top_k=9)
+    assert minilm["xcross_over_lora"] == pytest.approx(1 / 16, rel=1e-3)  # 4 adapted matrices per layer
+    assert deberta["paper_footnote_ratio"] == pytest.approx(0.25)  # the paper's 25% (its footnote 3)
