@@ -41,8 +41,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A short hash of what decides token ids: tokenizer class, vocabulary, normaliser and pre-tokeniser."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        h.update(backend.to_str().encode())
+    if backend is not None:  # minus the padding/truncation state, which changes with every call's arguments
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("padding", "truncation")}
+        h.update(json.dumps(spec, sort_keys=True).encode())
     h.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
     h.update(json.dumps([type(tokenizer).__name__, tokenizer.cls_token, tokenizer.sep_token]).encode())
     return h.hexdigest()[:16]

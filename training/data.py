@@ -140,7 +140,7 @@ class PopularitySampler:
     each proportional to weight among those not yet drawn).
     """
 
-    def __init__(self, popularity: np.ndarray, seed: int = 0):
+    def __init__(self, popularity: np.ndarray, seed: int | list[int] = 0):
         self.log_w = np.log(popularity.astype(np.float64) + 1.0)
         self.rng = np.random.default_rng(seed)
 

@@ -59,3 +59,9 @@ def test_minilm_loads_offline(minilm):
     enc = minilm.tokenizer(["cordless drill"], return_tensors="pt")
     out = minilm.runner().forward(enc["input_ids"], enc["attention_mask"])
     assert out.shape == (1, enc["input_ids"].shape[1], 384) and torch.isfinite(out).all()
+
+
+def test_tokenizer_fingerprint_ignores_call_time_padding_state(minilm_tokenizer):
+    before = tokenizer_fingerprint(minilm_tokenizer)
+    minilm_tokenizer(["a b c", "d"], padding=True, truncation=True, max_length=8)
+    assert tokenizer_fingerprint(minilm_tokenizer) == before

@@ -1,0 +1,96 @@
+"""The smoke preset of the whole pipeline: train-lora -> zero-shot -> train-xcross (+ baselines) -> evaluate."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from model.checkpoint import read_manifest
+from training.pipeline import Context, Paths, mean_lora, train_lora, train_xcross, zero_shot
+from training.presets import get_preset
+
+REPO = Path(__file__).resolve().parents[2]
+DOMS = ("Tools", "Sports", "Electronics")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    ctx = Context(get_preset("smoke"), Paths(artifacts=root / "artifacts", results=root / "results", runs=root / "runs"),
+                  progress=False)
+    loras = {d: train_lora(ctx, d) for d in DOMS}
+    zs = zero_shot(ctx, DOMS)
+    xc = train_xcross(ctx, "Tools")
+    return ctx, root, loras, zs, xc
+
+
+def test_source_loras_saved_with_metrics(pipeline):
+    ctx, root, loras, _, _ = pipeline
+    for d in DOMS:
+        m = read_manifest(root / "artifacts" / "lora" / d)
+        assert m["kind"] == "lora" and m["domain"] == d and m["preset"] == "smoke"
+        assert m["metrics"]["dev"]["n_users"] == 6 and loras[d]["finished"]
+        res = json.loads((root / "results" / f"lora-{d}-smoke.json").read_text())
+        assert len(res["per_user"]) == 6 and res["curve"] and res["commit"]
+
+
+def test_zero_shot_matrix_and_source_choice(pipeline):
+    _, root, _, zs, _ = pipeline
+    assert set(zs["dev"]) == set(DOMS) and all(set(zs["dev"][s]) == set(DOMS) for s in DOMS)
+    for tgt, srcs in zs["sources"].items():
+        assert len(srcs) == 2 and tgt not in srcs
+        best = max((s for s in DOMS if s != tgt), key=lambda s: (zs["val"][s][tgt]["hit@1"], zs["val"][s][tgt]["mrr@10"]))
+        assert srcs[0] == best
+    assert json.loads((root / "results" / "zero_shot.json").read_text())["sources"] == zs["sources"]
+
+
+def test_xcross_checkpoint_references_its_sources(pipeline):
+    _, root, _, zs, xc = pipeline
+    m = read_manifest(root / "artifacts" / "xcross" / "Tools")
+    assert m["kind"] == "xcross" and m["target"] == "Tools" and m["config"]["n_streams"] == 2
+    assert [s["domain"] for s in m["sources"]] == zs["sources"]["Tools"]
+    for ref in m["sources"]:
+        assert ref["content_hash"] == read_manifest(root / "artifacts" / "lora" / ref["domain"])["content_hash"]
+
+
+def test_baselines_and_ablations_run(pipeline):
+    ctx, root, _, _, _ = pipeline
+    assert train_xcross(ctx, "Tools", top_k=1, name="minus-layers")["finished"]
+    ps = train_xcross(ctx, "Tools", sources=ctx_sources(root)[:1], head_only=True, name="pooler-scorer")
+    m = read_manifest(Path(ps["out"]))
+    assert m["config"]["n_streams"] == 1 and m["head_only"] is True
+    assert mean_lora(ctx, "Tools")["dev"]["n_users"] == 6
+
+
+def ctx_sources(root: Path) -> list[str]:
+    return json.loads((root / "results" / "zero_shot.json").read_text())["sources"]["Tools"]
+
+
+def test_evaluate_cli_prints_json_last_line(pipeline, tmp_path):
+    _, root, _, _, _ = pipeline
+    users = tmp_path / "heldout.jsonl"  # any dev.jsonl-format file, not necessarily the dev file
+    lines = (REPO.parent / "shared/data/amazon-xcross/Tools/dev.jsonl").read_text().splitlines()[-6:]
+    users.write_text("\n".join(lines) + "\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "training", "evaluate", "--model", str(root / "artifacts/xcross/Tools"), "--users",
+         str(users), "--json", "--quiet", "--save", str(tmp_path / "r.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
+    )
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(last) == {"hit@1", "hit@3", "hit@10", "mrr@10", "n_users"} and last["n_users"] == 6
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert len(saved["per_user"]) == 6
+    cmp = subprocess.run([sys.executable, "-m", "training", "compare", str(tmp_path / "r.json"), str(tmp_path / "r.json")],
+                         cwd=REPO, capture_output=True, text=True, check=True)
+    assert "p=1.0000" in cmp.stdout
+
+
+def test_cli_rejects_unknown_domain():
+    out = subprocess.run([sys.executable, "-m", "training", "train-lora", "--domain", "Tool", "--preset", "smoke"],
+                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
+    assert out.returncode != 0 and "known: Electronics, Sports, Tools, Toys" in out.stderr

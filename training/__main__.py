@@ -1,0 +1,196 @@
+"""Offline training and evaluation CLI.
+
+    python -m training floor --domain Tools                       # zero-shot sentence-embedding floor
+    python -m training train-lora --domain Tools --preset cpu     # a source LoRA + head -> artifacts/lora/Tools
+    python -m training zero-shot --preset cpu                     # 4x4 transfer matrix; picks each target's sources
+    python -m training train-xcross --target Tools --preset cpu   # X-Cross -> artifacts/xcross/Tools
+    python -m training train-xcross --target Tools --top-k 1 --name minus-layers       # ablation -Layers
+    python -m training train-xcross --target Tools --gamma 0 --name minus-interactions # ablation -Interactions
+    python -m training train-xcross --target Tools --n-sources 1 --name minus-experts   # ablation -Experts
+    python -m training train-xcross --target Tools --n-sources 1 --head-only --name pooler-scorer
+    python -m training mean-lora --target Tools                   # baseline: averaged source LoRAs
+    python -m training evaluate --model artifacts/xcross/Tools \
+        --users ../shared/data/amazon-xcross/Tools/dev.jsonl --json   # any dev.jsonl-format file
+    python -m training compare results/a.json results/b.json     # paired two-sided t-test per metric
+
+Long commands show progress, checkpoint every few steps, and continue after a kill with `--resume`.
+Every command takes `--preset smoke|cpu|paper` (default cpu) and `--quiet`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training.data import DOMAINS, check_domain
+from training.pipeline import Context, Paths
+from training.presets import get_preset
+
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+
+PresetOpt = Annotated[str, typer.Option(help="smoke | cpu | paper")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from the run's last saved state")]
+SeedOpt = Annotated[int, typer.Option(help="seed of the split, subset, order and negatives")]
+ArtifactsOpt = Annotated[Path | None, typer.Option(help="checkpoint root (default: artifacts/)")]
+ResultsOpt = Annotated[Path | None, typer.Option(help="results root (default: results/)")]
+RunsOpt = Annotated[Path | None, typer.Option(help="training state root (default: runs/)")]
+DataOpt = Annotated[Path | None, typer.Option(help="amazon-xcross data root (default: ../shared/data/amazon-xcross)")]
+
+
+MaxStepsOpt = Annotated[int | None, typer.Option(help="stop after N optimizer steps (resume later with --resume)")]
+
+
+def _init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1): one process group, gloo on CPU, nccl on GPU."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _ctx(preset: str, quiet: bool, seed: int = 0, artifacts: Path | None = None, results: Path | None = None,
+         runs: Path | None = None, data: Path | None = None) -> Context:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    _init_distributed()
+    paths = Paths()
+    paths.artifacts, paths.results = artifacts or paths.artifacts, results or paths.results
+    paths.runs, paths.data = runs or paths.runs, data
+    return Context(get_preset(preset), paths, seed=seed, progress=not quiet)
+
+
+def _domain(value: str) -> str:
+    try:
+        return check_domain(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+
+
+def _report_training(title: str, out: dict) -> None:
+    if not out["finished"]:
+        typer.echo(f"{title}: stopped at step {out['step']} ({out['wall_s']:.0f} s); continue with --resume")
+    elif out["out"]:
+        _print_metrics(f"{title} dev", out["dev"])
+        typer.echo(f"saved {out['out']} ({out['wall_s']:.0f} s)")
+
+
+def _print_metrics(title: str, m: dict) -> None:
+    typer.echo(f"{title}: Hit@1 {m['hit@1']:.2f}  Hit@3 {m['hit@3']:.2f}  Hit@10 {m['hit@10']:.2f}  "
+               f"MRR@10 {m['mrr@10']:.2f}  (n_users {m['n_users']})")
+
+
+@app.command("floor")
+def floor_cmd(domain: Annotated[str, typer.Option(callback=_domain)], preset: PresetOpt = "cpu",
+              quiet: QuietOpt = False, results: ResultsOpt = None, data: DataOpt = None) -> None:
+    """Zero-shot floor: cos(mean history embedding, candidate embedding) with the plain backbone."""
+    from training.pipeline import floor
+
+    _print_metrics(f"floor {domain}", floor(_ctx(preset, quiet, results=results, data=data), domain))
+
+
+@app.command("train-lora")
+def train_lora_cmd(domain: Annotated[str, typer.Option(callback=_domain)], preset: PresetOpt = "cpu",
+                   resume: ResumeOpt = False, seed: SeedOpt = 0, quiet: QuietOpt = False,
+                   max_steps: MaxStepsOpt = None, artifacts: ArtifactsOpt = None, results: ResultsOpt = None,
+                   runs: RunsOpt = None, data: DataOpt = None) -> None:
+    """Fine-tune a source-domain LoRA + head (loss eq. 1) and save it under artifacts/lora/<domain>."""
+    from training.pipeline import train_lora
+
+    ctx = _ctx(preset, quiet, seed, artifacts, results, runs, data)
+    _report_training(f"LoRA {domain}", train_lora(ctx, domain, resume=resume, max_steps=max_steps))
+
+
+@app.command("zero-shot")
+def zero_shot_cmd(preset: PresetOpt = "cpu", quiet: QuietOpt = False,
+                  domains: Annotated[str, typer.Option(help="comma-separated subset")] = ",".join(DOMAINS),
+                  artifacts: ArtifactsOpt = None, results: ResultsOpt = None, data: DataOpt = None) -> None:
+    """Every domain's LoRA on every domain (dev and validation users); choose each target's two sources."""
+    from training.pipeline import zero_shot
+
+    names = tuple(_domain(d) for d in domains.split(","))
+    out = zero_shot(_ctx(preset, quiet, artifacts=artifacts, results=results, data=data), names)
+    typer.echo("dev Hit@1 (rows: LoRA of, columns: evaluated on)")
+    typer.echo(" " * 12 + "".join(f"{t:>12}" for t in names))
+    for s in names:
+        typer.echo(f"{s:>12}" + "".join(f"{out['dev'][s][t]['hit@1']:12.2f}" for t in names))
+    for t, srcs in out["sources"].items():
+        typer.echo(f"sources for {t}: {' + '.join(srcs)}")
+
+
+@app.command("train-xcross")
+def train_xcross_cmd(target: Annotated[str, typer.Option(callback=_domain)], preset: PresetOpt = "cpu",
+                     sources: Annotated[str | None, typer.Option(help="comma-separated; default: zero-shot choice")]
+                     = None,
+                     n_sources: Annotated[int, typer.Option(help="use the first N chosen sources (1 = -Experts)")]
+                     = 2,
+                     top_k: Annotated[int | None, typer.Option(help="integrated top layers (1 = -Layers)")] = None,
+                     gamma: Annotated[float | None, typer.Option(help="interaction strength (0 = -Interactions)")]
+                     = None,
+                     head_only: Annotated[bool, typer.Option("--head-only", help="Pooler+Scorer baseline")] = False,
+                     name: Annotated[str, typer.Option(help="run name; 'xcross' saves to artifacts/xcross")]
+                     = "xcross",
+                     resume: ResumeOpt = False, seed: SeedOpt = 0, quiet: QuietOpt = False,
+                     max_steps: MaxStepsOpt = None, artifacts: ArtifactsOpt = None, results: ResultsOpt = None,
+                     runs: RunsOpt = None, data: DataOpt = None) -> None:
+    """Train the X-Cross integrator for a target on frozen source LoRAs (or an ablation / baseline)."""
+    from training.pipeline import chosen_sources, train_xcross
+
+    ctx = _ctx(preset, quiet, seed, artifacts, results, runs, data)
+    srcs = [_domain(s) for s in sources.split(",")] if sources else chosen_sources(ctx, target)
+    out = train_xcross(ctx, target, srcs[:n_sources], top_k, gamma, head_only, name, resume, max_steps=max_steps)
+    _report_training(f"{name} {target}", out)
+
+
+@app.command("mean-lora")
+def mean_lora_cmd(target: Annotated[str, typer.Option(callback=_domain)], preset: PresetOpt = "cpu",
+                  quiet: QuietOpt = False, artifacts: ArtifactsOpt = None, results: ResultsOpt = None,
+                  runs: RunsOpt = None, data: DataOpt = None) -> None:
+    """Baseline: explicit average of the chosen source LoRAs (delta W and heads), zero-shot on the target."""
+    from training.pipeline import mean_lora
+
+    _print_metrics(f"mean-of-LoRAs {target} dev",
+                   mean_lora(_ctx(preset, quiet, 0, artifacts, results, runs, data), target)["dev"])
+
+
+@app.command("evaluate")
+def evaluate_cmd(model: Annotated[Path, typer.Option(help="checkpoint directory")],
+                 users: Annotated[Path, typer.Option(help="a file in the dev.jsonl format")],
+                 limit: Annotated[int | None, typer.Option(help="first N users only")] = None,
+                 domain: Annotated[str | None, typer.Option(help="catalog domain (default: the model's)")] = None,
+                 as_json: Annotated[bool, typer.Option("--json", help="print one JSON object as the last line")]
+                 = False,
+                 save: Annotated[Path | None, typer.Option(help="write metrics + per-user ranks here")] = None,
+                 fp32: Annotated[bool, typer.Option("--fp32", help="no bf16 autocast")] = False,
+                 preset: PresetOpt = "cpu", quiet: QuietOpt = False, data: DataOpt = None) -> None:
+    """Evaluate any checkpoint on any dev.jsonl-format file: Hit@1/3/10, MRR@10 (x100)."""
+    from training.evaluate import save_result
+    from training.pipeline import evaluate_file
+
+    if not users.is_file():
+        raise typer.BadParameter(f"--users {users}: no such file")
+    res = evaluate_file(_ctx(preset, quiet, data=data), model, users, limit, domain, bf16=False if fp32 else None)
+    if save:
+        save_result(save, res)
+    _print_metrics(f"{model} on {users}", res["metrics"])
+    if as_json:
+        typer.echo(json.dumps(res["metrics"]))
+
+
+@app.command("compare")
+def compare_cmd(a: Path, b: Path) -> None:
+    """Two-sided paired t-test between two saved results (same users)."""
+    from training.pipeline import compare
+
+    for metric, r in compare(a, b).items():
+        typer.echo(f"{metric:>7}: A {r['a']:.2f}  B {r['b']:.2f}  diff {r['diff']:+.2f}  p={r['p_value']:.4f}  "
+                   f"(n={r['n_users']})")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,278 @@
+"""The offline pipeline as plain functions (the CLI in `training/__main__.py` is a thin layer over these).
+
+Where things go (all paths configurable through `Paths`):
+  artifacts/lora/<D>/          source LoRA checkpoints (shipped, served)
+  artifacts/xcross/<D>/        X-Cross checkpoints (shipped, served)
+  results/*.json               metrics + per-user ranks of every evaluated model (small, committed)
+  runs/<name>/                 resumable training state and non-shipped models (baselines, ablations; not committed)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.backbone import Backbone, load_backbone
+from model.checkpoint import load_lora, load_model, read_manifest, save_lora, save_xcross
+from model.lora import LoraConfig, LoraWeights
+from model.source import SourceLoraModel
+from model.xcross import Head, XCross, XCrossConfig
+from training.data import DOMAINS, Domain, load_domain, read_users, split_train_val
+from training.evaluate import PromptSource, embedding_floor, evaluate_users, load_result, save_result
+from training.loop import dist_world, load_best, train
+from training.presets import DEVIATIONS, Preset, TrainConfig
+
+log = logging.getLogger("training")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Paths:
+    artifacts: Path = REPO / "artifacts"
+    results: Path = REPO / "results"
+    runs: Path = REPO / "runs"
+    data: Path | None = None
+
+    def lora(self, domain: str) -> Path:
+        return self.artifacts / "lora" / domain
+
+    def xcross(self, domain: str) -> Path:
+        return self.artifacts / "xcross" / domain
+
+
+@dataclass
+class Context:
+    preset: Preset
+    paths: Paths = field(default_factory=Paths)
+    backbone_name: str = "minilm"
+    seed: int = 0
+    progress: bool = True
+    _backbone: Backbone | None = None
+    _domains: dict[str, Domain] = field(default_factory=dict)
+    _sources: dict[tuple, PromptSource] = field(default_factory=dict)
+
+    def backbone(self, fresh: bool = False) -> Backbone:
+        """The frozen backbone; `fresh` for a trainer that wraps it with peft in place."""
+        if fresh:
+            return load_backbone(self.backbone_name)
+        if self._backbone is None:
+            self._backbone = load_backbone(self.backbone_name)
+        return self._backbone
+
+    def domain(self, name: str) -> Domain:
+        if name not in self._domains:
+            self._domains[name] = load_domain(name, self.paths.data)
+        return self._domains[name]
+
+    def split(self, name: str, cfg: TrainConfig) -> tuple[list, list]:
+        """(train subset, validation users) of a domain; seeded."""
+        dom = self.domain(name)
+        train_users, val = split_train_val(dom.train, dom.popularity, seed=self.seed)
+        if cfg.train_users is not None and cfg.train_users < len(train_users):
+            idx = np.random.default_rng([self.seed, 7]).choice(len(train_users), cfg.train_users, replace=False)
+            train_users = [train_users[i] for i in sorted(idx)]
+        return train_users, val[: cfg.eval_users]
+
+    def source(self, name: str, tokenizer, max_len: int) -> PromptSource:
+        """Title ids of a domain's catalog, tokenized once per (domain, max_len)."""
+        key = (name, max_len, id(tokenizer))
+        if key not in self._sources:
+            self._sources[key] = PromptSource(tokenizer, self.domain(name).catalog, max_len)
+        return self._sources[key]
+
+    def dev(self, name: str, limit: int | None) -> list:
+        return self.domain(name).dev[:limit]
+
+    def meta(self, **extra: Any) -> dict[str, Any]:
+        return {"preset": self.preset.name, "backbone": self.backbone_name, "commit": git_commit(), "seed": self.seed,
+                "deviations": DEVIATIONS.get(self.preset.name, []), **extra}
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _manifest_extra(meta: dict[str, Any]) -> dict[str, Any]:
+    """Run metadata for a manifest, minus what the checkpoint writer sets itself (or is too long)."""
+    skip = ("curve", "domain", "target", "sources", "backbone")
+    return {("variant" if k == "kind" else k): v for k, v in meta.items() if k not in skip}
+
+
+def _lora_cfg_dict(cfg: LoraConfig) -> dict[str, Any]:
+    return {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout}
+
+
+# ----------------------------------------------------------------------------- source LoRAs
+
+
+def train_lora(ctx: Context, domain: str, resume: bool = False, out: Path | None = None,
+               train_users: list | None = None, run_name: str | None = None, max_steps: int | None = None) -> dict:
+    """Fine-tune one LoRA + head on a domain; save the checkpoint and its dev metrics."""
+    cfg = ctx.preset.lora
+    bb = ctx.backbone(fresh=True)
+    users, val = ctx.split(domain, cfg)
+    users = train_users if train_users is not None else users
+    source = ctx.source(domain, bb.tokenizer, cfg.max_len)
+    torch.manual_seed(ctx.seed)
+    lora_cfg = LoraConfig()
+    model = SourceLoraModel(bb, lora_cfg)
+    run_dir = ctx.paths.runs / (run_name or f"lora-{domain}-{ctx.preset.name}")
+    state = train(model, source, users, ctx.domain(domain).popularity, cfg, run_dir, val, seed=ctx.seed,
+                  resume=resume, progress=ctx.progress, log=log.info, max_steps=max_steps)
+    if not state.finished or dist_world()[0] != 0:
+        return {"finished": state.finished, "step": state.step, "wall_s": state.wall_s, "out": None}
+    load_best(model, run_dir)
+    model.eval()
+    dev = evaluate_users(model, source, ctx.dev(domain, cfg.dev_users), cfg.bf16, ctx.progress, "dev")
+    meta = ctx.meta(kind="lora", domain=domain, train_users=len(users), hyperparameters=cfg.to_dict(),
+                    wall_s=round(state.wall_s, 1), best_step=state.best_step, curve=state.curve)
+    out = out or ctx.paths.lora(domain)
+    save_lora(out, model.lora_weights(), model.head, bb, domain=domain, lora_config=_lora_cfg_dict(lora_cfg),
+              metrics={"dev": dev["metrics"]}, **_manifest_extra(meta))
+    save_result(ctx.paths.results / f"{run_dir.name}.json", dev, **meta, model=str(out))
+    return {"finished": True, "dev": dev["metrics"], "wall_s": state.wall_s, "out": str(out)}
+
+
+# ----------------------------------------------------------------------------- zero-shot
+
+
+def score_checkpoint(ctx: Context, path: Path, users: list, domain: str, bf16: bool, desc: str = "eval") -> dict:
+    bb = ctx.backbone()
+    model, _ = load_model(path, bb, search=[ctx.paths.artifacts / "lora"])
+    source = ctx.source(domain, bb.tokenizer, ctx.preset.lora.max_len)
+    return evaluate_users(model, source, users, bf16, ctx.progress, desc)
+
+
+def zero_shot(ctx: Context, domains: tuple[str, ...] = DOMAINS) -> dict:
+    """Every domain's LoRA on every domain's dev and validation users; sources = best two on validation."""
+    n = ctx.preset.floor_users
+    cfg = ctx.preset.lora
+    dev, val = {}, {}
+    for src in domains:
+        for tgt in domains:
+            r_dev = score_checkpoint(ctx, ctx.paths.lora(src), ctx.dev(tgt, n), tgt, cfg.bf16, f"{src}->{tgt} dev")
+            r_val = score_checkpoint(ctx, ctx.paths.lora(src), ctx.split(tgt, cfg)[1][:n], tgt, cfg.bf16,
+                                     f"{src}->{tgt} val")
+            dev.setdefault(src, {})[tgt], val.setdefault(src, {})[tgt] = r_dev["metrics"], r_val["metrics"]
+            save_result(ctx.paths.results / "zero_shot" / f"{src}-on-{tgt}.json", r_dev,
+                        **ctx.meta(kind="lora-zero-shot", source=src, target=tgt))
+    sources = {}
+    for tgt in domains:
+        ranked = sorted((s for s in domains if s != tgt),
+                        key=lambda s: (val[s][tgt]["hit@1"], val[s][tgt]["mrr@10"]), reverse=True)
+        sources[tgt] = ranked[:2]
+    out = {**ctx.meta(kind="zero-shot-matrix", users=n), "dev": dev, "val": val, "sources": sources}
+    (ctx.paths.results / "zero_shot.json").write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+def chosen_sources(ctx: Context, target: str) -> list[str]:
+    path = ctx.paths.results / "zero_shot.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: run `python -m training zero-shot` first or pass --sources")
+    return json.loads(path.read_text())["sources"][target]
+
+
+# ----------------------------------------------------------------------------- X-Cross and baselines
+
+
+def train_xcross(ctx: Context, target: str, sources: list[str] | None = None, top_k: int | None = None,
+                 gamma: float | None = None, head_only: bool = False, name: str = "xcross", resume: bool = False,
+                 out: Path | None = None, train_users: list | None = None, max_steps: int | None = None) -> dict:
+    """X-Cross on the chosen sources (or an ablation / the Pooler+Scorer baseline with `head_only`)."""
+    cfg = ctx.preset.xcross
+    bb = ctx.backbone()
+    sources = sources or chosen_sources(ctx, target)
+    loaded = [load_lora(ctx.paths.lora(s), bb) for s in sources]
+    loras = [x[0] for x in loaded]
+    n = len(sources)
+    k = 0 if n == 1 else (ctx.preset.top_k if top_k is None else top_k)
+    xcfg = XCrossConfig(n_streams=n, top_k=k, beta=0.5, gamma=0.4 if gamma is None else gamma)
+    torch.manual_seed(ctx.seed)
+    head = copy.deepcopy(loaded[0][1])  # init from the best zero-shot source's head (DESIGN 5.2)
+    model = XCross(bb, loras, xcfg, head=head)
+    if head_only:
+        model.freeze_all_but_head()
+    users, val = ctx.split(target, cfg)
+    users = train_users if train_users is not None else users
+    source = ctx.source(target, bb.tokenizer, cfg.max_len)
+    run_dir = ctx.paths.runs / f"{name}-{target}-{ctx.preset.name}"
+    state = train(model, source, users, ctx.domain(target).popularity, cfg, run_dir, val, seed=ctx.seed,
+                  resume=resume, progress=ctx.progress, log=log.info, max_steps=max_steps)
+    if not state.finished or dist_world()[0] != 0:
+        return {"finished": state.finished, "step": state.step, "wall_s": state.wall_s, "out": None}
+    load_best(model, run_dir)
+    model.eval()
+    dev = evaluate_users(model, source, ctx.dev(target, cfg.dev_users), cfg.bf16, ctx.progress, "dev")
+    meta = ctx.meta(kind=name, target=target, sources=sources, config=xcfg.to_dict(), head_only=head_only,
+                    train_users=len(users), hyperparameters=cfg.to_dict(), wall_s=round(state.wall_s, 1),
+                    best_step=state.best_step)
+    out = out or (ctx.paths.xcross(target) if name == "xcross" else run_dir / "model")
+    save_xcross(out, model, bb, target=target, sources=[(s, ctx.paths.lora(s)) for s in sources],
+                metrics={"dev": dev["metrics"]}, **_manifest_extra(meta))
+    save_result(ctx.paths.results / f"{run_dir.name}.json", dev, **meta, curve=state.curve, model=str(out))
+    return {"finished": True, "dev": dev["metrics"], "wall_s": state.wall_s, "out": str(out)}
+
+
+def mean_lora(ctx: Context, target: str, sources: list[str] | None = None) -> dict:
+    """Baseline: the explicit average of the source LoRAs' delta W (and of their heads), zero-shot on the target."""
+    bb = ctx.backbone()
+    sources = sources or chosen_sources(ctx, target)
+    loaded = [load_lora(ctx.paths.lora(s), bb) for s in sources]
+    mean = LoraWeights.mean([x[0] for x in loaded])
+    head = Head(bb.hidden_size)
+    with torch.no_grad():
+        for name, p in head.named_parameters():
+            p.copy_(torch.stack([dict(x[1].named_parameters())[name] for x in loaded]).mean(0))
+    out = ctx.paths.runs / f"mean-{target}-{ctx.preset.name}" / "model"
+    save_lora(out, mean, head, bb, domain=target, lora_config={"r": mean.rank, "alpha": mean.rank, "mean_of": sources})
+    dev = score_checkpoint(ctx, out, ctx.dev(target, ctx.preset.xcross.dev_users), target, ctx.preset.lora.bf16)
+    save_result(ctx.paths.results / f"mean-{target}-{ctx.preset.name}.json", dev,
+                **ctx.meta(kind="mean-lora", target=target, sources=sources, model=str(out)))
+    return {"dev": dev["metrics"], "out": str(out)}
+
+
+def floor(ctx: Context, domain: str) -> dict:
+    """Zero-shot sentence-embedding similarity on the first `floor_users` dev users."""
+    bb = ctx.backbone()
+    source = ctx.source(domain, bb.tokenizer, ctx.preset.lora.max_len)
+    res = embedding_floor(bb, source, ctx.dev(domain, ctx.preset.floor_users), ctx.progress)
+    save_result(ctx.paths.results / f"floor-{domain}.json", res, **ctx.meta(kind="embedding-floor", domain=domain))
+    return res["metrics"]
+
+
+def evaluate_file(ctx: Context, model_path: Path, users_file: Path, limit: int | None, domain: str | None,
+                  bf16: bool | None = None) -> dict:
+    """Any checkpoint on any dev.jsonl-format file; the domain defaults to the checkpoint's."""
+    manifest = read_manifest(model_path)
+    domain = domain or manifest.get("target") or manifest.get("domain")
+    if domain not in DOMAINS:
+        raise ValueError(f"cannot tell the domain of {model_path}; pass --domain (one of {', '.join(DOMAINS)})")
+    users = read_users(users_file, len(ctx.domain(domain).catalog))[:limit]
+    bf16 = ctx.preset.lora.bf16 if bf16 is None else bf16
+    res = score_checkpoint(ctx, model_path, users, domain, bf16)
+    res.update(ctx.meta(kind="evaluate", model=str(model_path), users_file=str(users_file), domain=domain,
+                        bf16=bf16))
+    return res
+
+
+def compare(a: Path, b: Path) -> dict:
+    from training.evaluate import paired_ttest
+
+    ra, rb = load_result(a), load_result(b)
+    return {m: paired_ttest(ra, rb, m) for m in ("hit@1", "hit@3", "hit@10", "mrr@10")}
