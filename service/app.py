@@ -1,15 +1,364 @@
-"""FastAPI application (placeholder until the service lands: /healthz only)."""
+"""The FastAPI app (DESIGN 7): thin handlers over `Engine` and `Batcher`; state, dependencies, errors, middleware.
+
+  POST /recommend   rank candidates for a history          GET /readyz    200 once models are loaded and warm
+  GET  /healthz     the process is alive                   GET /metrics   Prometheus text      GET /docs  OpenAPI
+
+`create_app(settings=None, engine=None)`: without an engine, the lifespan loads one from the settings (in a
+thread); `python -m service` loads it first instead, so a bad checkpoint stops the process with one line. After
+start-up a background warm-up runs one full batch per domain through the batcher; until it is done /readyz and
+/recommend answer 503. Tests override `get_engine` / `get_batcher` / `get_settings` through
+`app.dependency_overrides`, or pass `engine=`.
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.batching import Batcher, BatcherClosed, DeadlineExceeded, QueueFull
+from service.engine import Engine
+from service.loading import load_engine
+from service.metrics import CONTENT_TYPE, Metrics
+from service.schemas import (
+    ErrorResponse,
+    InputError,
+    Limits,
+    RecommendRequest,
+    RecommendResponse,
+    check_limits,
+    error_body,
+    field_error,
+)
+from service.settings import Settings, load_settings
+
+log = logging.getLogger("service")
 
 
-def create_app() -> FastAPI:
-    app = FastAPI(title="X-Cross Serve")
+class NotReady(RuntimeError):
+    """Models are loading or warming up (or none are served)."""
 
-    @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok"}
 
+@dataclass
+class ServiceState:
+    """What the handlers need, owned by one app."""
+
+    settings: Settings
+    metrics: Metrics
+    engine: Engine | None = None
+    batcher: Batcher | None = None
+    owns_engine: bool = False  # loaded by this app (and closed by it)
+    status: str = "loading"  # loading -> warming up -> ready | no models | warm-up failed; shutting down
+
+    async def warm_up(self) -> None:
+        """One full batch per domain through the whole path, then ready."""
+        engine, batcher = self.engine, self.batcher
+        if not engine.models:
+            self.status = "no models"
+            return
+        if self.settings.warmup:
+            self.status = "warming up"
+            t0 = time.perf_counter()
+            try:
+                size = min(self.settings.batch_prompts, self.settings.queue_prompts)
+                for req in engine.warmup_requests(candidates=size):
+                    prepared = await run_in_threadpool(engine.preprocess, req)
+                    await batcher.submit(prepared.domain, prepared.prompts)
+            except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log; the process stays up
+                log.exception("warm-up failed")
+                self.status = f"warm-up failed: {exc}"
+                return
+            log.info("warm-up done in %.2f s", time.perf_counter() - t0)
+        self.status = "ready"
+
+    def readiness(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"ready": self.status == "ready", "status": self.status}
+        if self.engine is not None:
+            body.update(self.engine.describe())
+            redis_ok = self.engine.cache.redis_ok
+            body["redis"] = "disabled" if redis_ok is None else ("ok" if redis_ok else "down (serving without it)")
+        if self.status == "no models":
+            body["status"] = (f"no models: no checkpoints under {self.settings.artifacts} "
+                              "(XCROSS_ALLOW_EMPTY=1 let the service start without them)")
+        return body
+
+
+# --- dependencies (override these in tests; async: trivial, so no thread hop) -------------------------------
+
+
+async def get_state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+async def get_settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+async def get_engine(state: StateDep) -> Engine:
+    if state.status != "ready" or state.engine is None:
+        raise NotReady(f"not ready: {state.readiness()['status']}; retry shortly (see /readyz)")
+    return state.engine
+
+
+EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+async def get_batcher(state: StateDep) -> Batcher:
+    if state.batcher is None:
+        raise NotReady("not ready: the batcher is not running; retry shortly (see /readyz)")
+    return state.batcher
+
+
+BatcherDep = Annotated[Batcher, Depends(get_batcher)]
+
+
+async def valid_request(body: RecommendRequest, settings: SettingsDep) -> RecommendRequest:
+    """The body, checked against the configured limits."""
+    check_limits(body, Limits(settings.max_history, settings.max_candidates, settings.max_title_chars))
+    return body
+
+
+RecommendDep = Annotated[RecommendRequest, Depends(valid_request)]
+
+# --- handlers -------------------------------------------------------------------------------------------------
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in [(413, "body too large"), (415, "body is not JSON"),
+                       (422, "invalid request: bad field, unknown domain or item"), (429, "queue full (Retry-After)"),
+                       (503, "not ready or shutting down"), (504, "deadline exceeded")]
+}
+router = APIRouter()
+
+
+@router.post("/recommend", response_model=RecommendResponse, responses=ERRORS)
+async def recommend(req: RecommendDep, engine: EngineDep, batcher: BatcherDep) -> RecommendResponse:
+    """Rank the candidates for the history, in the target domain's model."""
+    prepared = await run_in_threadpool(engine.preprocess, req)
+    scores = await batcher.submit(prepared.domain, prepared.prompts)
+    return engine.postprocess(prepared, scores)
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses={503: {"description": "loading, warming up, or no models"}})
+def readyz(state: StateDep) -> JSONResponse:
+    """Models loaded and warm; also reports device, precision, served models and Redis."""
+    body = state.readiness()
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+def metrics(state: StateDep) -> Response:
+    """Prometheus metrics in the text format."""
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    errors = []
+    for e in exc.errors():
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "json_invalid":
+            msg = f"invalid JSON at character {e['loc'][-1]}: {(e.get('ctx') or {}).get('error', msg)}"
+            e = {**e, "loc": ["body"]}
+        errors.append(field_error(e["loc"], msg, e["type"]))
+    return errors
+
+
+def _error(status: int, errors: list[dict[str, Any]], headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(errors), status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, _validation_errors(exc))
+
+    async def bad_input(_: Request, exc: InputError) -> JSONResponse:
+        return _error(422, exc.errors)
+
+    async def queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+        return _error(429, [field_error([], str(exc), "queue_full")], {"Retry-After": str(exc.retry_after_s)})
+
+    async def deadline(_: Request, exc: DeadlineExceeded) -> JSONResponse:
+        return _error(504, [field_error([], str(exc), "deadline_exceeded")])
+
+    async def unavailable(_: Request, exc: Exception) -> JSONResponse:
+        return _error(503, [field_error([], str(exc), "not_ready")], {"Retry-After": "1"})
+
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(InputError, bad_input)
+    app.add_exception_handler(QueueFull, queue_full)
+    app.add_exception_handler(DeadlineExceeded, deadline)
+    app.add_exception_handler(NotReady, unavailable)
+    app.add_exception_handler(BatcherClosed, unavailable)
+
+
+# --- middleware ------------------------------------------------------------------------------------------------
+
+
+class BodyGuard:
+    """Checks request bodies before routing: over `max_bytes` -> 413; not declared JSON -> 415; not UTF-8 -> 422."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+        media = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if body and media != b"application/json" and not media.endswith(b"+json"):
+            got = media.decode("latin-1") or "none"
+            msg = f"Content-Type is {got!r}; send the request as JSON with 'Content-Type: application/json'"
+            return await _error(415, [field_error(["body"], msg, "media_type")])(scope, receive, send)
+        try:
+            bytes(body).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            msg = (f"is not valid UTF-8 (byte 0x{body[exc.start]:02x} at offset {exc.start}); "
+                   "send the JSON encoded as UTF-8")
+            return await _error(422, [field_error(["body"], msg, "unicode_decode")])(scope, receive, send)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        msg = (f"is larger than {self.max_bytes} bytes (XCROSS_MAX_BODY_BYTES); send fewer items per request")
+        await _error(413, [field_error(["body"], msg, "too_large")])(scope, receive, send)
+
+
+class RequestMetrics:
+    """Counts requests and latency by route template and status; tracks requests in flight.
+
+    Responses sent before routing (413 and bad UTF-8 from BodyGuard) are labelled with their path when it is one
+    of `paths`, any other path as "unmatched" (so random URLs cannot grow the label set).
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, paths: frozenset[str] = frozenset()):
+        self.app, self.metrics, self.paths = app, metrics, paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 500  # if the app raises, the server answers 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.inflight.inc()
+        t0 = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.inflight.dec()
+            route = getattr(scope.get("route"), "path", None)
+            route = route or (scope["path"] if scope["path"] in self.paths else "unmatched")
+            self.metrics.observe_request(route, status, time.perf_counter() - t0)
+
+
+# --- the app ---------------------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: ServiceState = app.state.service
+    s = state.settings
+    if state.engine is None:
+        state.engine, state.owns_engine = await run_in_threadpool(load_engine, s), True
+    state.metrics.set_engine(state.engine)
+    state.batcher = Batcher(state.engine.forward, max_prompts=s.batch_prompts, max_tokens=s.max_batch_tokens,
+                            wait_ms=s.batch_wait_ms, queue_prompts=s.queue_prompts,
+                            timeout_s=s.request_timeout_s, observer=state.metrics)
+    warm = asyncio.create_task(state.warm_up())
+    try:
+        yield
+    finally:
+        state.status = "shutting down"
+        await asyncio.gather(warm, return_exceptions=True)
+        await state.batcher.close()
+        if state.owns_engine:
+            state.engine.close()
+
+
+def _openapi(app: FastAPI, settings: Settings, domains: list[str] | None) -> dict[str, Any]:
+    """The generated document, with the configured limits (and served domains, when known) filled in."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schemas = doc["components"]["schemas"]
+        req = schemas["RecommendRequest"]["properties"]
+        req["history"]["maxItems"] = settings.max_history
+        req["candidates"]["maxItems"] = settings.max_candidates
+        req["top_k"]["maximum"] = settings.max_candidates
+        if domains is not None:
+            req["domain"]["enum"] = domains
+        for branch in schemas["Item"]["properties"]["title"].get("anyOf", []):
+            if branch.get("type") == "string":
+                branch["maxLength"] = settings.max_title_chars
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+def _served_domains(state: ServiceState) -> list[str] | None:
+    return state.engine.domains if state.engine is not None and state.engine.domains else None
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """The service app; loads the engine from `settings` at start-up unless one is given."""
+    settings = settings or load_settings()
+    app = FastAPI(title="X-Cross Serve", version="0.1.0", lifespan=lifespan,
+                  description="Next-item recommendation in a target domain from source-domain LoRA experts "
+                              "(X-Cross). Errors: 422 names the field, 413 body too large, 429 queue full "
+                              "(Retry-After), 503 not ready, 504 deadline.")
+    app.state.service = ServiceState(settings, Metrics(), engine)
+    app.include_router(router)
+    _install_error_handlers(app)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=app.state.service.metrics,
+                       paths=frozenset(route.path for route in router.routes))
+    app.openapi = lambda: _openapi(app, settings, _served_domains(app.state.service))
     return app

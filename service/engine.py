@@ -1,0 +1,193 @@
+"""The inference engine, in three steps (as infinity's encode_pre / encode_core / encode_post):
+
+  preprocess(request)        catalog lookup, cached title tokenization, prompt assembly -> `Prepared` (CPU, I/O:
+                             the token cache may ask Redis; runs in a worker thread)
+  forward(domain, prompts)   ONE padded batch through the domain's model under `torch.inference_mode`, bf16
+                             autocast when the precision says so -> one fp32 score per prompt (the batcher calls it
+                             from its single forward thread)
+  postprocess(prepared, s)   rank by score, ties by input position, top-k -> `RecommendResponse`
+
+`recommend(request)` chains the three without a batcher (forwards of `batch_prompts`): the direct model call that
+tests and the load test compare the service against. No FastAPI here; loading from settings is `service.loading`.
+
+Extension point for other runtimes (ONNX Runtime, another issue): a `Runtime` scores one padded batch for a
+domain; `TorchRuntime` is the one here. An ONNX runtime implements the same call and `describe()`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from model.backbone import Backbone
+from model.prompts import PromptBuilder, encode_pieces
+from model.xcross import XCross
+from service.cache import TokenCache
+from service.catalog import Catalogs, Resolved
+from service.schemas import InputError, Item, RankedItem, RecommendRequest, RecommendResponse, field_error
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A loaded checkpoint serving one target domain."""
+
+    domain: str
+    kind: str  # "xcross" or "lora" (manifest kind)
+    sha: str  # manifest content_hash
+    model: XCross
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}:{self.domain}@{self.sha[:12]}"
+
+
+@dataclass
+class Prepared:
+    """A preprocessed request: its candidates (for the response) and one prompt (token ids) per candidate."""
+
+    domain: str
+    candidates: list[Resolved]
+    prompts: list[list[int]]
+    top_k: int
+
+
+class Runtime(Protocol):
+    """Scores one padded batch of prompts with a domain's model: (B, T) ids and mask -> (B,) fp32 on the CPU."""
+
+    def __call__(self, domain: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+    def describe(self) -> dict[str, str]: ...
+
+
+class TorchRuntime:
+    """The PyTorch models on one device; bf16 autocast when `precision == "bf16"` (head and scores stay fp32)."""
+
+    def __init__(self, models: Mapping[str, XCross], device: str = "cpu", precision: str = "fp32"):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision {precision!r}: use fp32 or bf16")
+        self.models, self.device, self.precision = dict(models), torch.device(device), precision
+
+    def __call__(self, domain: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        model = self.models[domain]
+        ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
+                                                    enabled=self.precision == "bf16"):
+            return model(ids, mask).float().cpu()  # (B,)
+
+    def describe(self) -> dict[str, str]:
+        return {"runtime": "torch", "device": str(self.device), "precision": self.precision}
+
+
+def locked_encoder(tokenizer: Any) -> Callable[[Sequence[str]], list[list[int]]]:
+    """`encode_pieces` behind a lock: a fast tokenizer's Rust state must not be used by two threads at once."""
+    lock = threading.Lock()
+
+    def encode(titles: Sequence[str]) -> list[list[int]]:
+        with lock:
+            return encode_pieces(tokenizer, titles)
+
+    return encode
+
+
+class Engine:
+    """Preprocess -> forward -> postprocess for the served domains."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        models: Mapping[str, ServedModel],
+        catalogs: Catalogs,
+        cache: TokenCache,
+        *,
+        runtime: Runtime | None = None,  # default: TorchRuntime on the CPU in fp32
+        max_len: int = 256,  # prompt tokens; the oldest history items are dropped beyond it
+        max_history: int = 50,  # history items kept (the most recent)
+        batch_prompts: int = 30,  # prompts per forward on the direct path (`score`, `recommend`)
+    ):
+        missing = sorted(set(models) - set(catalogs.domains))
+        if missing:
+            raise ValueError(f"no catalog for served domains {missing}")
+        self.backbone, self.models, self.catalogs, self.cache = backbone, dict(models), catalogs, cache
+        self.runtime = runtime or TorchRuntime({d: m.model for d, m in models.items()})
+        self.builder = PromptBuilder(backbone.tokenizer, max_len=max_len, max_history=max_history)
+        self.batch_prompts = batch_prompts
+
+    @property
+    def domains(self) -> list[str]:
+        return sorted(self.models)
+
+    def describe(self) -> dict[str, Any]:
+        """What /readyz and the model-info metric show."""
+        return {"backbone": self.backbone.name, **self.runtime.describe(),
+                "models": {d: m.name for d, m in sorted(self.models.items())}}
+
+    # --- the three steps ------------------------------------------------------------------------------
+
+    def preprocess(self, req: RecommendRequest) -> Prepared:
+        """Resolve items, tokenize titles through the cache (one call per request), build one prompt per candidate."""
+        domain = self._served(req.domain)
+        errors: list[dict[str, Any]] = []
+        history = self.catalogs.resolve(domain, req.history, "history", errors)
+        candidates = self.catalogs.resolve(domain, req.candidates, "candidates", errors)
+        if errors:
+            raise InputError(errors)
+        history = history[-self.builder.max_history :]
+        ids = self.cache.get_many([it.title for it in history + candidates])
+        prompts = self.builder.build_many(ids[: len(history)], ids[len(history) :])
+        return Prepared(domain, candidates, prompts, min(req.top_k, len(candidates)))
+
+    def forward(self, domain: str, prompts: Sequence[Sequence[int]]) -> list[float]:
+        """Scores of one forward batch, padded to its longest prompt."""
+        input_ids, attention_mask = self.builder.collate(prompts)  # (B, T) each
+        return self.runtime(domain, input_ids, attention_mask).tolist()
+
+    def postprocess(self, prepared: Prepared, scores: Sequence[float]) -> RecommendResponse:
+        """Rank by score (descending; ties keep input order) and keep the top k."""
+        if len(scores) != len(prepared.candidates):
+            raise ValueError(f"{len(scores)} scores for {len(prepared.candidates)} candidates")
+        order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[: prepared.top_k]
+        items = [
+            RankedItem(position=i, id=prepared.candidates[i].id, asin=prepared.candidates[i].asin,
+                       title=prepared.candidates[i].title, score=float(scores[i]), rank=rank)
+            for rank, i in enumerate(order, start=1)
+        ]
+        return RecommendResponse(domain=prepared.domain, model=self.models[prepared.domain].name, items=items)
+
+    # --- direct path ----------------------------------------------------------------------------------
+
+    def score(self, domain: str, prompts: Sequence[Sequence[int]]) -> list[float]:
+        """All prompts, in forwards of `batch_prompts`."""
+        out: list[float] = []
+        for start in range(0, len(prompts), self.batch_prompts):
+            out += self.forward(domain, prompts[start : start + self.batch_prompts])
+        return out
+
+    def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        """The direct model call: preprocess, score, postprocess (no batcher)."""
+        prepared = self.preprocess(req)
+        return self.postprocess(prepared, self.score(prepared.domain, prepared.prompts))
+
+    def warmup_requests(self, candidates: int | None = None, history: int = 10) -> list[RecommendRequest]:
+        """One request per domain from its catalog: `history` items and `candidates` (default: a full forward)."""
+        candidates = candidates or self.batch_prompts
+        reqs = []
+        for domain in self.domains:
+            n = len(self.catalogs[domain])
+            ids = [i % n for i in range(history + candidates)]
+            reqs.append(RecommendRequest(domain=domain, history=[Item(id=i) for i in ids[:history]],
+                                         candidates=[Item(id=i) for i in ids[history:]], top_k=candidates))
+        return reqs
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def _served(self, domain: str) -> str:
+        if domain in self.models:
+            return domain
+        served = ", ".join(self.domains) or "none (no checkpoints loaded)"
+        msg = f"domain {domain[:64]!r} is not served; served domains: {served}"
+        raise InputError([field_error(["body", "domain"], msg, "unknown_domain")])
