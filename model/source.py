@@ -26,10 +26,11 @@ def peft_config(backbone: Backbone, cfg: LoraConfig):
 class SourceLoraModel(nn.Module):
     """Scores prompts with backbone + LoRA + head. Trainable: the LoRA A/B matrices and the head."""
 
-    def __init__(self, backbone: Backbone, cfg: LoraConfig = LoraConfig(), head: Head | None = None):
+    def __init__(self, backbone: Backbone, cfg: LoraConfig | None = None, head: Head | None = None):
         super().__init__()
         from peft import get_peft_model
 
+        cfg = cfg or LoraConfig()
         self.cfg = cfg
         self.peft = get_peft_model(backbone.model, peft_config(backbone, cfg))
         self.head = head if head is not None else Head(backbone.hidden_size)

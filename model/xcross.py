@@ -2,7 +2,7 @@
 
 Read top-down against the paper:
   XCrossConfig                         n streams, top-K integrated layers, beta, gamma
-  MultiLoraEncoder                     eq. 3: every stream runs layer l with its own frozen LoRA (streams folded in batch)
+  MultiLoraEncoder                     eq. 3: each stream runs layer l with its own frozen LoRA (folded in the batch)
   Integrator                           eqs. 4-5: z = W_concat [h_1; ...; h_n], then the refined h~_m
   Head                                 eqs. 7-8: pooled = GELU(W_p h[CLS] + b_p), score = V_c . pooled + b_c
   XCross                               the loop over layers, eq. 6 (h_final = sum_m w_m h~_m), the head
@@ -72,7 +72,8 @@ class MultiLoraEncoder(nn.Module):
 
 
 class Integrator(nn.Module):
-    """Eqs. 4-5 at one layer: per token, z = W_concat h_concat; h~_m = h_m + sum_{m'!=m} (beta z h_m' + gamma z' (h_m - h_m'))."""
+    """Eqs. 4-5 at one layer, per token: z = W_concat h_concat;
+    h~_m = h_m + sum_{m' != m} (beta z[m'] h_m' + gamma z[m, m'] (h_m - h_m'))."""
 
     def __init__(self, n: int, d: int, beta: float, gamma: float, init_std: float):
         super().__init__()

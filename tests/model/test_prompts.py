@@ -36,9 +36,19 @@ def sentencepiece_tokenizer(real_pairs):
     titles = sorted({t for h, c in real_pairs for t in (*h, c)})
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(titles), model_writer=buf, vocab_size=2000, model_type="unigram",
-        character_coverage=1.0, pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, pad_piece="[PAD]", unk_piece="[UNK]",
-        user_defined_symbols=["[CLS]", "[SEP]", "[MASK]"], minloglevel=2,
+        sentence_iterator=iter(titles),
+        model_writer=buf,
+        vocab_size=2000,
+        model_type="unigram",
+        character_coverage=1.0,
+        pad_id=0,
+        unk_id=1,
+        bos_id=-1,
+        eos_id=-1,
+        pad_piece="[PAD]",
+        unk_piece="[UNK]",
+        user_defined_symbols=["[CLS]", "[SEP]", "[MASK]"],
+        minloglevel=2,
     )
     sp = spm.SentencePieceProcessor(model_proto=buf.getvalue())
     return DebertaV2Tokenizer(vocab=[(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())])
@@ -60,7 +70,10 @@ def test_wordpiece_assembly_equals_full_tokenization(minilm_tokenizer, real_pair
 
 
 def test_sentencepiece_assembly_equals_full_tokenization(sentencepiece_tokenizer, real_pairs):
-    assert sentencepiece_tokenizer.convert_ids_to_tokens(encode_pieces(sentencepiece_tokenizer, ["Hammer"])[0])[0][0] == "▁"
+    assert (
+        sentencepiece_tokenizer.convert_ids_to_tokens(encode_pieces(sentencepiece_tokenizer, ["Hammer"])[0])[0][0]
+        == "▁"
+    )
     assert _check_pairs(sentencepiece_tokenizer, real_pairs) == []
 
 
@@ -104,7 +117,9 @@ def test_empty_history(minilm_tokenizer):
 
 def test_collate_pads_to_longest_in_batch(minilm_tokenizer):
     builder = PromptBuilder(minilm_tokenizer)
-    prompts = builder.build_many(encode_pieces(minilm_tokenizer, ["a b c"]), encode_pieces(minilm_tokenizer, ["x", "y z w v"]))
+    prompts = builder.build_many(
+        encode_pieces(minilm_tokenizer, ["a b c"]), encode_pieces(minilm_tokenizer, ["x", "y z w v"])
+    )
     ids, mask = builder.collate(prompts)
     assert ids.shape == (2, max(map(len, prompts))) and mask.sum().item() == sum(map(len, prompts))
     assert ids[0, len(prompts[0]) :].eq(builder.pad_id).all()

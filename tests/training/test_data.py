@@ -44,7 +44,9 @@ def test_unknown_item_id_names_file_line_and_id(tmp_path):
 
 def test_null_title_gets_placeholder(tmp_path):
     p = tmp_path / "items.jsonl"
-    p.write_text("\n".join(json.dumps({"id": i, "asin": f"A{i}", "title": t}) for i, t in enumerate(["x &amp; y", None])))
+    p.write_text(
+        "\n".join(json.dumps({"id": i, "asin": f"A{i}", "title": t}) for i, t in enumerate(["x &amp; y", None]))
+    )
     cat = read_catalog(p)
     assert cat.titles == ["x & y", PLACEHOLDER_TITLE] and cat.null_titles == 1 and cat.asin_to_id["A1"] == 1
 

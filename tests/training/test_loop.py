@@ -89,13 +89,23 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     common = ["-m", "training", "train-lora", "--domain", "Tools", "--preset", "smoke", "--quiet"]
 
     def run(prefix, root):
-        args = [*prefix, *common, "--artifacts", str(root / "a"), "--results", str(root / "r"), "--runs", str(root / "s")]
+        args = [
+            *prefix,
+            *common,
+            "--artifacts",
+            str(root / "a"),
+            "--results",
+            str(root / "r"),
+            "--runs",
+            str(root / "s"),
+        ]
         subprocess.run(args, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
         return load_file(root / "a" / "lora" / "Tools" / "tensors.safetensors")
 
     one = run([sys.executable], tmp_path / "one")
-    two = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531"],
-              tmp_path / "two")
+    two = run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531"], tmp_path / "two"
+    )
     assert one.keys() == two.keys()
     # The scorer bias b_c has a zero gradient under the listwise loss (softmax is shift-invariant): its updates are
     # Adam-normalised float noise of either sign, so it is compared only to the learning-rate scale.

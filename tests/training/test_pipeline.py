@@ -21,8 +21,11 @@ DOMS = ("Tools", "Sports", "Electronics")
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    ctx = Context(get_preset("smoke"), Paths(artifacts=root / "artifacts", results=root / "results", runs=root / "runs"),
-                  progress=False)
+    ctx = Context(
+        get_preset("smoke"),
+        Paths(artifacts=root / "artifacts", results=root / "results", runs=root / "runs"),
+        progress=False,
+    )
     loras = {d: train_lora(ctx, d) for d in DOMS}
     zs = zero_shot(ctx, DOMS)
     xc = train_xcross(ctx, "Tools")
@@ -44,7 +47,9 @@ def test_zero_shot_matrix_and_source_choice(pipeline):
     assert set(zs["dev"]) == set(DOMS) and all(set(zs["dev"][s]) == set(DOMS) for s in DOMS)
     for tgt, srcs in zs["sources"].items():
         assert len(srcs) == 2 and tgt not in srcs
-        best = max((s for s in DOMS if s != tgt), key=lambda s: (zs["val"][s][tgt]["hit@1"], zs["val"][s][tgt]["mrr@10"]))
+        best = max(
+            (s for s in DOMS if s != tgt), key=lambda s: (zs["val"][s][tgt]["hit@1"], zs["val"][s][tgt]["mrr@10"])
+        )
         assert srcs[0] == best
     assert json.loads((root / "results" / "zero_shot.json").read_text())["sources"] == zs["sources"]
 
@@ -77,20 +82,46 @@ def test_evaluate_cli_prints_json_last_line(pipeline, tmp_path):
     lines = (REPO.parent / "shared/data/amazon-xcross/Tools/dev.jsonl").read_text().splitlines()[-6:]
     users.write_text("\n".join(lines) + "\n")
     out = subprocess.run(
-        [sys.executable, "-m", "training", "evaluate", "--model", str(root / "artifacts/xcross/Tools"), "--users",
-         str(users), "--json", "--quiet", "--save", str(tmp_path / "r.json")],
-        cwd=REPO, capture_output=True, text=True, timeout=300, check=True,
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "evaluate",
+            "--model",
+            str(root / "artifacts/xcross/Tools"),
+            "--users",
+            str(users),
+            "--json",
+            "--quiet",
+            "--save",
+            str(tmp_path / "r.json"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
     )
     last = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(last) == {"hit@1", "hit@3", "hit@10", "mrr@10", "n_users"} and last["n_users"] == 6
     saved = json.loads((tmp_path / "r.json").read_text())
     assert len(saved["per_user"]) == 6
-    cmp = subprocess.run([sys.executable, "-m", "training", "compare", str(tmp_path / "r.json"), str(tmp_path / "r.json")],
-                         cwd=REPO, capture_output=True, text=True, check=True)
+    cmp = subprocess.run(
+        [sys.executable, "-m", "training", "compare", str(tmp_path / "r.json"), str(tmp_path / "r.json")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "p=1.0000" in cmp.stdout
 
 
 def test_cli_rejects_unknown_domain():
-    out = subprocess.run([sys.executable, "-m", "training", "train-lora", "--domain", "Tool", "--preset", "smoke"],
-                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"})
+    out = subprocess.run(
+        [sys.executable, "-m", "training", "train-lora", "--domain", "Tool", "--preset", "smoke"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "300"},
+    )
     assert out.returncode != 0 and "known: Electronics, Sports, Tools, Toys" in out.stderr
