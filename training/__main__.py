@@ -9,6 +9,7 @@
     python -m training train-xcross --target Tools --n-sources 1 --name minus-experts   # ablation -Experts
     python -m training train-xcross --target Tools --n-sources 1 --head-only --name pooler-scorer
     python -m training mean-lora --target Tools                   # baseline: averaged source LoRAs
+    python -m training low-data --target Tools                    # X-Cross vs LoRA on 50..1000 users (+ plot)
     python -m training evaluate --model artifacts/xcross/Tools \
         --users ../shared/data/amazon-xcross/Tools/dev.jsonl --json   # any dev.jsonl-format file
     python -m training compare results/a.json results/b.json     # paired two-sided t-test per metric
@@ -34,6 +35,8 @@ from training.presets import get_preset
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 
 PresetOpt = Annotated[str, typer.Option(help="smoke | cpu | paper")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a preset field: lr=2e-3, lora.max_len=128")]
+TagOpt = Annotated[str | None, typer.Option(help="name for an overridden preset (runs/results get <preset>-<tag>)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from the run's last saved state")]
 SeedOpt = Annotated[int, typer.Option(help="seed of the split, subset, order and negatives")]
@@ -56,13 +59,18 @@ def _init_distributed() -> None:
 
 
 def _ctx(preset: str, quiet: bool, seed: int = 0, artifacts: Path | None = None, results: Path | None = None,
-         runs: Path | None = None, data: Path | None = None) -> Context:
+         runs: Path | None = None, data: Path | None = None, overrides: list[str] | None = None,
+         tag: str | None = None) -> Context:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     _init_distributed()
     paths = Paths()
     paths.artifacts, paths.results = artifacts or paths.artifacts, results or paths.results
     paths.runs, paths.data = runs or paths.runs, data
-    return Context(get_preset(preset), paths, seed=seed, progress=not quiet)
+    try:
+        chosen = get_preset(preset, overrides or [], tag)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    return Context(chosen, paths, seed=seed, progress=not quiet)
 
 
 def _domain(value: str) -> str:
@@ -97,12 +105,13 @@ def floor_cmd(domain: Annotated[str, typer.Option(callback=_domain)], preset: Pr
 @app.command("train-lora")
 def train_lora_cmd(domain: Annotated[str, typer.Option(callback=_domain)], preset: PresetOpt = "cpu",
                    resume: ResumeOpt = False, seed: SeedOpt = 0, quiet: QuietOpt = False,
-                   max_steps: MaxStepsOpt = None, artifacts: ArtifactsOpt = None, results: ResultsOpt = None,
-                   runs: RunsOpt = None, data: DataOpt = None) -> None:
+                   max_steps: MaxStepsOpt = None, overrides: SetOpt = None, tag: TagOpt = None,
+                   artifacts: ArtifactsOpt = None, results: ResultsOpt = None, runs: RunsOpt = None,
+                   data: DataOpt = None) -> None:
     """Fine-tune a source-domain LoRA + head (loss eq. 1) and save it under artifacts/lora/<domain>."""
     from training.pipeline import train_lora
 
-    ctx = _ctx(preset, quiet, seed, artifacts, results, runs, data)
+    ctx = _ctx(preset, quiet, seed, artifacts, results, runs, data, overrides, tag)
     _report_training(f"LoRA {domain}", train_lora(ctx, domain, resume=resume, max_steps=max_steps))
 
 
@@ -136,15 +145,29 @@ def train_xcross_cmd(target: Annotated[str, typer.Option(callback=_domain)], pre
                      name: Annotated[str, typer.Option(help="run name; 'xcross' saves to artifacts/xcross")]
                      = "xcross",
                      resume: ResumeOpt = False, seed: SeedOpt = 0, quiet: QuietOpt = False,
-                     max_steps: MaxStepsOpt = None, artifacts: ArtifactsOpt = None, results: ResultsOpt = None,
-                     runs: RunsOpt = None, data: DataOpt = None) -> None:
+                     max_steps: MaxStepsOpt = None, overrides: SetOpt = None, tag: TagOpt = None,
+                     artifacts: ArtifactsOpt = None, results: ResultsOpt = None, runs: RunsOpt = None,
+                     data: DataOpt = None) -> None:
     """Train the X-Cross integrator for a target on frozen source LoRAs (or an ablation / baseline)."""
     from training.pipeline import chosen_sources, train_xcross
 
-    ctx = _ctx(preset, quiet, seed, artifacts, results, runs, data)
+    ctx = _ctx(preset, quiet, seed, artifacts, results, runs, data, overrides, tag)
     srcs = [_domain(s) for s in sources.split(",")] if sources else chosen_sources(ctx, target)
     out = train_xcross(ctx, target, srcs[:n_sources], top_k, gamma, head_only, name, resume, max_steps=max_steps)
     _report_training(f"{name} {target}", out)
+
+
+@app.command("low-data")
+def low_data_cmd(target: Annotated[str, typer.Option(callback=_domain)], preset: PresetOpt = "cpu",
+                 quiet: QuietOpt = False, artifacts: ArtifactsOpt = None, results: ResultsOpt = None,
+                 runs: RunsOpt = None, data: DataOpt = None) -> None:
+    """X-Cross vs target LoRA on small train subsets (preset sizes x seeds); plot with the zero-shot reference."""
+    from training.pipeline import low_data
+
+    out = low_data(_ctx(preset, quiet, 0, artifacts, results, runs, data), target)
+    for r in out["rows"]:
+        typer.echo(f"{r['model']:>7} size {r['size']:>5} seed {r['seed']}: Hit@1 {r['hit@1']:.2f}")
+    typer.echo(f"reference ({out['reference']} zero-shot): Hit@1 {out['reference_hit@1']:.2f}")
 
 
 @app.command("mean-lora")

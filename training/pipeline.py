@@ -13,7 +13,7 @@ import copy
 import json
 import logging
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +227,58 @@ def train_xcross(ctx: Context, target: str, sources: list[str] | None = None, to
                 metrics={"dev": dev["metrics"]}, **_manifest_extra(meta))
     save_result(ctx.paths.results / f"{run_dir.name}.json", dev, **meta, curve=state.curve, model=str(out))
     return {"finished": True, "dev": dev["metrics"], "wall_s": state.wall_s, "out": str(out)}
+
+
+def low_data(ctx: Context, target: str, models: tuple[str, ...] = ("xcross", "lora")) -> dict:
+    """Paper Table 3 / Figure 3: X-Cross and a target LoRA trained on small random user subsets, dev Hit@1."""
+    rows = []
+    for size in ctx.preset.low_data_sizes:
+        for seed in ctx.preset.low_data_seeds:
+            pool, _ = ctx.split(target, replace(ctx.preset.lora, train_users=None))
+            idx = np.random.default_rng([seed, size, 11]).choice(len(pool), min(size, len(pool)), replace=False)
+            subset = [pool[i] for i in sorted(idx)]
+            for kind in models:
+                name = f"lowdata-{kind}-{size}-s{seed}"
+                if kind == "xcross":
+                    out = train_xcross(ctx, target, name=name, train_users=subset)
+                else:
+                    out = train_lora(ctx, target, train_users=subset, run_name=f"{name}-{target}-{ctx.preset.name}",
+                                     out=ctx.paths.runs / f"{name}-{target}-{ctx.preset.name}" / "model")
+                rows.append({"model": kind, "size": size, "seed": seed, **out["dev"]})
+    zs = json.loads((ctx.paths.results / "zero_shot.json").read_text())
+    reference = max((s for s in zs["dev"] if s != target), key=lambda s: zs["val"][s][target]["hit@1"])
+    result = {**ctx.meta(kind="low-data", target=target), "rows": rows, "reference": reference,
+              "reference_hit@1": zs["dev"][reference][target]["hit@1"]}
+    path = ctx.paths.results / f"low_data-{target}.json"
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    plot_low_data(result, ctx.paths.results / f"low_data-{target}.png")
+    return result
+
+
+def plot_low_data(result: dict, path: Path) -> Path:
+    """Hit@1 vs train size (mean and per-seed points), the best zero-shot source as a dashed line (paper Fig. 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for kind, color in (("xcross", "tab:blue"), ("lora", "tab:orange")):
+        rows = [r for r in result["rows"] if r["model"] == kind]
+        sizes = sorted({r["size"] for r in rows})
+        means = [np.mean([r["hit@1"] for r in rows if r["size"] == s]) for s in sizes]
+        ax.scatter([r["size"] for r in rows], [r["hit@1"] for r in rows], color=color, alpha=0.35, s=12)
+        ax.plot(sizes, means, "o-", color=color, label="X-Cross" if kind == "xcross" else "target LoRA")
+    ax.axhline(result["reference_hit@1"], color="red", ls="--", label=f"{result['reference']} LoRA zero-shot")
+    ax.set_xscale("log")
+    ax.set_xlabel("train users")
+    ax.set_ylabel("dev Hit@1")
+    ax.set_title(f"{result['target']} ({result['preset']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def mean_lora(ctx: Context, target: str, sources: list[str] | None = None) -> dict:

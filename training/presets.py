@@ -37,6 +37,8 @@ class Preset:
     xcross: TrainConfig
     top_k: int  # X-Cross integrated layers (MiniLM has 6)
     floor_users: int  # dev users for the zero-shot floor / zero-shot matrix
+    low_data_sizes: tuple[int, ...] = (50, 100, 200, 500, 1000)  # train users per low-data run
+    low_data_seeds: tuple[int, ...] = (0, 1, 2)  # random subsets per size
 
 
 _SMOKE = TrainConfig(
@@ -63,9 +65,10 @@ _PAPER_XCROSS = replace(
 )
 
 PRESETS = {
-    "smoke": Preset("smoke", _SMOKE, _SMOKE, top_k=2, floor_users=4),
+    "smoke": Preset("smoke", _SMOKE, _SMOKE, top_k=2, floor_users=4, low_data_sizes=(4, 8), low_data_seeds=(0,)),
     "cpu": Preset("cpu", _CPU_LORA, _CPU_XCROSS, top_k=6, floor_users=300),
-    "paper": Preset("paper", _PAPER_LORA, _PAPER_XCROSS, top_k=6, floor_users=1000),
+    "paper": Preset("paper", _PAPER_LORA, _PAPER_XCROSS, top_k=6, floor_users=1000,
+                     low_data_sizes=(50, 75, 100, 200, 300, 400, 500, 750, 1000), low_data_seeds=(0, 1, 2, 3, 4)),
 }
 
 DEVIATIONS = {
@@ -82,7 +85,39 @@ DEVIATIONS = {
 }
 
 
-def get_preset(name: str) -> Preset:
+def get_preset(name: str, overrides: list[str] = (), tag: str | None = None) -> Preset:
+    """A named preset, optionally with `field=value` / `lora.field=value` / `xcross.field=value` overrides.
+
+    Overridden presets must carry a `tag`; they are named `<preset>-<tag>` in run directories and results.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    preset = PRESETS[name]
+    if not overrides:
+        return preset if tag is None else replace(preset, name=f"{name}-{tag}")
+    if not tag:
+        raise ValueError("--set overrides need a --tag, so that their runs and results do not pass for the preset")
+    lora, xcross = preset.lora, preset.xcross
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: use field=value, e.g. lr=2e-3 or lora.users_per_step=4")
+        scope, _, field = key.rpartition(".")
+        if scope not in ("", "lora", "xcross") or field not in TrainConfig.__dataclass_fields__:
+            raise ValueError(f"--set {item!r}: unknown field; fields: {', '.join(TrainConfig.__dataclass_fields__)}")
+        value = _parse(raw, getattr(lora, field))
+        if scope in ("", "lora"):
+            lora = replace(lora, **{field: value})
+        if scope in ("", "xcross"):
+            xcross = replace(xcross, **{field: value})
+    return replace(preset, name=f"{name}-{tag}", lora=lora, xcross=xcross)
+
+
+def _parse(raw: str, current):
+    if raw.lower() == "none":
+        return None
+    if isinstance(current, bool):
+        return raw.lower() in ("1", "true", "yes")
+    if isinstance(current, int) or current is None:
+        return int(float(raw))
+    return type(current)(raw)

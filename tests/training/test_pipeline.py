@@ -125,3 +125,13 @@ def test_cli_rejects_unknown_domain():
         env={**os.environ, "COLUMNS": "300"},
     )
     assert out.returncode != 0 and "known: Electronics, Sports, Tools, Toys" in out.stderr
+
+
+def test_low_data_runs_and_plots(pipeline):
+    from training.pipeline import low_data
+
+    ctx, root, _, _, _ = pipeline
+    out = low_data(ctx, "Tools")
+    assert {(r["model"], r["size"]) for r in out["rows"]} == {("xcross", 4), ("xcross", 8), ("lora", 4), ("lora", 8)}
+    assert out["reference"] in ("Sports", "Electronics")
+    assert (root / "results" / "low_data-Tools.png").stat().st_size > 1000
