@@ -13,6 +13,7 @@
     python -m training evaluate --model artifacts/xcross/Tools \
         --users ../shared/data/amazon-xcross/Tools/dev.jsonl --json   # any dev.jsonl-format file
     python -m training compare results/a.json results/b.json     # paired two-sided t-test per metric
+    python -m training report                                     # docs/results.md + docs/training_curves.png
 
 Long commands show progress, checkpoint every few steps, and continue after a kill with `--resume`.
 Every command takes `--preset smoke|cpu|paper` (default cpu) and `--quiet`.
@@ -203,6 +204,19 @@ def evaluate_cmd(model: Annotated[Path, typer.Option(help="checkpoint directory"
     _print_metrics(f"{model} on {users}", res["metrics"])
     if as_json:
         typer.echo(json.dumps(res["metrics"]))
+
+
+@app.command("report")
+def report_cmd(preset: PresetOpt = "cpu", results: ResultsOpt = None,
+               docs: Annotated[Path, typer.Option(help="where results.md goes")] = Path("docs")) -> None:
+    """Write docs/results.md (tables with the paper's numbers, significance, plots, provenance)."""
+    from training.pipeline import Paths
+    from training.report import plot_curves, write_report
+
+    root = results or Paths().results
+    docs.mkdir(parents=True, exist_ok=True)
+    curves = plot_curves(root, docs / "training_curves.png")
+    typer.echo(f"wrote {write_report(root, docs, preset)}" + (f" and {curves}" if curves else ""))
 
 
 @app.command("compare")

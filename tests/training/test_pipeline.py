@@ -135,3 +135,15 @@ def test_low_data_runs_and_plots(pipeline):
     assert {(r["model"], r["size"]) for r in out["rows"]} == {("xcross", 4), ("xcross", 8), ("lora", 4), ("lora", 8)}
     assert out["reference"] in ("Sports", "Electronics")
     assert (root / "results" / "low_data-Tools.png").stat().st_size > 1000
+
+
+def test_report_writes_tables_with_paper_numbers(pipeline, tmp_path):
+    from training.report import plot_curves, write_report
+
+    _, root, _, _, _ = pipeline
+    out = write_report(root / "results", tmp_path, preset="smoke")
+    text = out.read_text()
+    assert "| X-Cross |" in text and "20.11" in text  # the paper's Tools X-Cross Hit@1 beside ours
+    xc = json.loads((root / "results" / "xcross-Tools-smoke.json").read_text())["metrics"]["hit@1"]
+    assert f"{xc:.2f}" in text and "not run" in text  # ours, and rows that have no file yet
+    assert plot_curves(root / "results", tmp_path / "c.png").stat().st_size > 1000

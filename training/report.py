@@ -1,0 +1,148 @@
+"""`python -m training report`: docs/results.md from the result files, with the paper's numbers beside ours.
+
+Every number comes from a file in results/ (which records preset, command inputs and commit); a row whose file is
+missing says so instead of inventing a number. Significance: two-sided paired t-test on per-user Hit@1 against
+X-Cross on the same users; `*` marks p <= 0.05.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from training.data import DOMAINS
+from training.evaluate import paired_ttest
+
+# Paper Table 2 / Table 4 (DeBERTa-v3-base), Hit@1 / Hit@3 / Hit@10 / MRR@10, per target domain.
+PAPER = {
+    "Tools-LoRA": {"Tools": (18.74, 39.26, 74.87, 33.69), "Sports": (13.30, 28.11, 58.35, 24.64),
+                   "Toys": (13.91, 26.40, 53.99, 23.79), "Electronics": (8.85, 20.11, 45.55, 17.75)},
+    "Sports-LoRA": {"Tools": (12.40, 25.58, 55.95, 22.74), "Sports": (27.98, 51.49, 82.62, 43.49),
+                    "Toys": (14.10, 25.49, 49.50, 22.92), "Electronics": (8.49, 17.63, 44.03, 16.48)},
+    "Toys-LoRA": {"Tools": (11.26, 22.16, 48.34, 20.06), "Sports": (14.52, 27.54, 55.55, 24.71),
+                  "Toys": (27.99, 52.02, 84.77, 44.05), "Electronics": (8.98, 18.96, 45.21, 17.47)},
+    "Electronics-LoRA": {"Tools": (12.40, 26.32, 50.39, 21.59), "Sports": (15.82, 30.32, 59.08, 26.74),
+                         "Toys": (14.34, 25.84, 52.85, 23.74), "Electronics": (25.56, 51.77, 84.08, 42.40)},
+    "Pooler+Scorer": {"Tools": (14.09, 31.19, 61.70, 26.48), "Sports": (22.97, 42.56, 74.69, 36.74),
+                      "Toys": (20.73, 39.73, 73.23, 34.45), "Electronics": (15.69, 33.91, 68.18, 29.07)},
+    "X-Cross": {"Tools": (20.11, 40.36, 76.06, 34.87), "Sports": (28.40, 50.09, 82.05, 43.36),
+                "Toys": (28.23, 52.66, 85.66, 44.65), "Electronics": (26.25, 50.72, 84.71, 42.84)},
+    "-Layers": {"Tools": (16.60, 35.11, 68.99, 30.20), "Sports": (24.24, 44.58, 76.57, 38.53),
+                "Toys": (22.96, 45.26, 81.73, 38.73), "Electronics": (15.67, 33.33, 69.47, 29.15)},
+    "-Interactions": {"Tools": (17.46, 38.49, 75.01, 32.62), "Sports": (26.73, 49.55, 81.84, 42.10),
+                      "Toys": (26.10, 50.97, 83.35, 42.51), "Electronics": (23.02, 46.12, 80.72, 38.95)},
+    "-Experts": {"Tools": (19.33, 39.67, 73.78, 33.68), "Sports": (27.57, 49.75, 81.55, 42.62),
+                 "Toys": (25.81, 49.03, 83.98, 41.80), "Electronics": (26.06, 50.06, 82.88, 42.13)},
+}
+METRICS = ("hit@1", "hit@3", "hit@10", "mrr@10")
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _cell(res: dict | None, ref: dict | None, metric: str = "hit@1") -> str:
+    if res is None:
+        return "not run"
+    value = f"{res['metrics'][metric]:.2f}"
+    if ref is not None and res is not ref:
+        t = paired_ttest(ref, res, metric)
+        value += "*" if t["p_value"] <= 0.05 else ""
+    return value
+
+
+def _rows(results: Path, preset: str) -> list[tuple[str, str, callable]]:
+    """(label, paper key, domain -> result file)."""
+    rows = [("zero-shot embedding similarity", "", lambda d: results / f"floor-{d}.json")]
+    for src in DOMAINS:
+        rows.append((f"{src}-LoRA (zero-shot on others)", f"{src}-LoRA",
+                     lambda d, s=src: results / f"lora-{d}-{preset}.json" if s == d
+                     else results / "zero_shot" / f"{s}-on-{d}.json"))
+    rows += [
+        ("Pooler+Scorer (best source's head)", "Pooler+Scorer", lambda d: results / f"pooler-scorer-{d}-{preset}.json"),
+        ("mean of source LoRAs", "", lambda d: results / f"mean-{d}-{preset}.json"),
+        ("X-Cross", "X-Cross", lambda d: results / f"xcross-{d}-{preset}.json"),
+        ("-Layers (last layer only)", "-Layers", lambda d: results / f"minus-layers-{d}-{preset}.json"),
+        ("-Interactions (gamma=0)", "-Interactions", lambda d: results / f"minus-interactions-{d}-{preset}.json"),
+        ("-Experts (one source)", "-Experts", lambda d: results / f"minus-experts-{d}-{preset}.json"),
+    ]
+    return rows
+
+
+def results_table(results: Path, preset: str) -> str:
+    lines = ["| model | " + " | ".join(f"{d} ours | {d} paper" for d in DOMAINS) + " |",
+             "|---|" + "---|---|" * len(DOMAINS)]
+    xcross = {d: _load(results / f"xcross-{d}-{preset}.json") for d in DOMAINS}
+    for label, paper_key, path_of in _rows(results, preset):
+        cells = []
+        for d in DOMAINS:
+            cells.append(_cell(_load(path_of(d)), xcross[d]))
+            cells.append(f"{PAPER[paper_key][d][0]:.2f}" if paper_key in PAPER else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def provenance(results: Path) -> str:
+    lines = ["| file | preset | commit | users | wall s |", "|---|---|---|---|---|"]
+    for path in sorted(results.rglob("*.json")):
+        r = _load(path)
+        if not isinstance(r, dict) or "preset" not in r:
+            continue
+        users = r.get("metrics", {}).get("n_users", r.get("users", ""))
+        lines.append(f"| {path.relative_to(results)} | {r['preset']} | {r.get('commit', '?')} | {users} | "
+                     f"{r.get('wall_s', '')} |")
+    return "\n".join(lines)
+
+
+def write_report(results: Path, docs: Path, preset: str = "cpu") -> Path:
+    zs = _load(results / "zero_shot.json")
+    parts = [
+        "# Results",
+        "",
+        f"Generated by `python -m training report --preset {preset}` from the files in `results/`; every number "
+        "is Hit@1 (x100) on the first dev users of each target (500 for models, 300 for the zero-shot rows and the "
+        "floor), MiniLM-L6 backbone. `*`: two-sided paired t-test against X-Cross on the common users, p <= 0.05. "
+        "`not run`: no result file yet. Paper columns: DeBERTa-v3-base, all test users (Tables 2 and 4).",
+        "",
+        results_table(results, preset),
+        "",
+    ]
+    if zs:
+        parts += ["## Source choice", "", "Best two zero-shot sources on the target's validation users (not dev):", ""]
+        parts += [f"- {t}: {' + '.join(s)}" for t, s in zs["sources"].items()] + [""]
+    for d in DOMAINS:
+        png = results / f"low_data-{d}.png"
+        if png.exists():
+            parts += [f"## Low data: {d}", "", f"![low data {d}](../results/{png.name})", ""]
+    parts += ["## Provenance", "", provenance(results), ""]
+    out = docs / "results.md"
+    out.write_text("\n".join(parts))
+    return out
+
+
+def plot_curves(results: Path, out: Path, pattern: str = "lora-*.json") -> Path | None:
+    """Validation Hit@1 vs train users seen, one line per training run that recorded a curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(p.stem, _load(p)) for p in sorted(results.glob(pattern))]
+    runs = [(name, r) for name, r in runs if r and r.get("curve")]
+    if not runs:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, r in runs:
+        ax.plot([c["users_seen"] for c in r["curve"]], [c["hit@1"] for c in r["curve"]], "o-", ms=3, label=name)
+    floors = {p.stem.removeprefix("floor-"): _load(p)["metrics"]["hit@1"] for p in results.glob("floor-*.json")}
+    for d, v in floors.items():
+        ax.axhline(v, ls="--", lw=1, color="gray")
+        ax.annotate(f"floor {d}", (0, v), fontsize=7, color="gray", va="bottom")
+    ax.axhline(100 / 30, ls=":", lw=1, color="black")
+    ax.set_xlabel("train users seen")
+    ax.set_ylabel("validation Hit@1 (300 users)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
