@@ -127,13 +127,18 @@ def save_lora(directory: str | Path, lora: LoraWeights, head: Head, backbone: Ba
                                        **_backbone_meta(backbone), **extra})
 
 
-def load_lora(directory: str | Path, backbone: Backbone) -> tuple[LoraWeights, Head, dict[str, Any]]:
+def _open(directory: str | Path, kind: str, backbone: Backbone) -> tuple[Path, dict[str, Any], dict]:
+    """Manifest, kind and backbone checks, then the hash-verified tensors."""
     d = Path(directory)
     manifest = read_manifest(d)
-    if manifest.get("kind") != "lora":
-        raise CheckpointError(f"{d}: kind {manifest.get('kind')!r}, expected 'lora'")
+    if manifest.get("kind") != kind:
+        raise CheckpointError(f"{d}: kind {manifest.get('kind')!r}, expected {kind!r}")
     check_backbone(manifest, backbone, d)
-    tensors = _load_tensors(d, manifest)
+    return d, manifest, _load_tensors(d, manifest)
+
+
+def load_lora(directory: str | Path, backbone: Backbone) -> tuple[LoraWeights, Head, dict[str, Any]]:
+    d, manifest, tensors = _open(directory, "lora", backbone)
     lora = LoraWeights.from_state_dict({k: v for k, v in tensors.items() if not k.startswith("head.")},
                                        manifest["lora"]["scale"])
     missing = [m for m in lora.modules if not _has_module(backbone, m)]
@@ -188,12 +193,7 @@ def resolve_source(ref: dict[str, Any], xcross_dir: Path, search: list[Path]) ->
 def load_xcross(directory: str | Path, backbone: Backbone, search: list[str | Path] = (),
                 loras: dict[str, LoraWeights] | None = None) -> tuple[XCross, dict[str, Any]]:
     """Build an X-Cross model; `loras` caches source LoRAs by content hash so services load each one once."""
-    d = Path(directory)
-    manifest = read_manifest(d)
-    if manifest.get("kind") != "xcross":
-        raise CheckpointError(f"{d}: kind {manifest.get('kind')!r}, expected 'xcross'")
-    check_backbone(manifest, backbone, d)
-    tensors = _load_tensors(d, manifest)
+    d, manifest, tensors = _open(directory, "xcross", backbone)
     cache = loras if loras is not None else {}
     streams = []
     for ref in manifest["sources"]:

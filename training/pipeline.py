@@ -120,6 +120,18 @@ def _lora_cfg_dict(cfg: LoraConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- source LoRAs
 
 
+def _train_then_evaluate(ctx: Context, model, source: PromptSource, users: list, val: list, domain: str,
+                         cfg: TrainConfig, run_dir: Path, resume: bool, max_steps: int | None):
+    """Train, then (finished, rank 0 only) reload the best weights and evaluate on dev; dev is None otherwise."""
+    state = train(model, source, users, ctx.domain(domain).popularity, cfg, run_dir, val, seed=ctx.seed,
+                  resume=resume, progress=ctx.progress, log=log.info, max_steps=max_steps)
+    if not state.finished or dist_world()[0] != 0:
+        return state, None
+    load_best(model, run_dir)
+    model.eval()
+    return state, evaluate_users(model, source, ctx.dev(domain, cfg.dev_users), cfg.bf16, ctx.progress, "dev")
+
+
 def train_lora(ctx: Context, domain: str, resume: bool = False, out: Path | None = None,
                train_users: list | None = None, run_name: str | None = None, max_steps: int | None = None) -> dict:
     """Fine-tune one LoRA + head on a domain; save the checkpoint and its dev metrics."""
@@ -132,13 +144,9 @@ def train_lora(ctx: Context, domain: str, resume: bool = False, out: Path | None
     lora_cfg = LoraConfig()
     model = SourceLoraModel(bb, lora_cfg)
     run_dir = ctx.paths.runs / (run_name or f"lora-{domain}-{ctx.preset.name}")
-    state = train(model, source, users, ctx.domain(domain).popularity, cfg, run_dir, val, seed=ctx.seed,
-                  resume=resume, progress=ctx.progress, log=log.info, max_steps=max_steps)
-    if not state.finished or dist_world()[0] != 0:
+    state, dev = _train_then_evaluate(ctx, model, source, users, val, domain, cfg, run_dir, resume, max_steps)
+    if dev is None:
         return {"finished": state.finished, "step": state.step, "wall_s": state.wall_s, "out": None}
-    load_best(model, run_dir)
-    model.eval()
-    dev = evaluate_users(model, source, ctx.dev(domain, cfg.dev_users), cfg.bf16, ctx.progress, "dev")
     meta = ctx.meta(kind="lora", domain=domain, train_users=len(users), hyperparameters=cfg.to_dict(),
                     wall_s=round(state.wall_s, 1), best_step=state.best_step, curve=state.curve)
     out = out or ctx.paths.lora(domain)
@@ -212,13 +220,9 @@ def train_xcross(ctx: Context, target: str, sources: list[str] | None = None, to
     users = train_users if train_users is not None else users
     source = ctx.source(target, bb.tokenizer, cfg.max_len)
     run_dir = ctx.paths.runs / f"{name}-{target}-{ctx.preset.name}"
-    state = train(model, source, users, ctx.domain(target).popularity, cfg, run_dir, val, seed=ctx.seed,
-                  resume=resume, progress=ctx.progress, log=log.info, max_steps=max_steps)
-    if not state.finished or dist_world()[0] != 0:
+    state, dev = _train_then_evaluate(ctx, model, source, users, val, target, cfg, run_dir, resume, max_steps)
+    if dev is None:
         return {"finished": state.finished, "step": state.step, "wall_s": state.wall_s, "out": None}
-    load_best(model, run_dir)
-    model.eval()
-    dev = evaluate_users(model, source, ctx.dev(target, cfg.dev_users), cfg.bf16, ctx.progress, "dev")
     meta = ctx.meta(kind=name, target=target, sources=sources, config=xcfg.to_dict(), head_only=head_only,
                     train_users=len(users), hyperparameters=cfg.to_dict(), wall_s=round(state.wall_s, 1),
                     best_step=state.best_step)
