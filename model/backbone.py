@@ -79,6 +79,13 @@ class Backbone:
     def lora_targets(self) -> str:
         return LORA_TARGETS[self.family]
 
+    def lora_targets_top(self, k: int) -> str:
+        """The LoRA target regex restricted to the top k layers (k = 0: all layers)."""
+        if not k or k >= self.num_layers:
+            return self.lora_targets
+        layers = "|".join(str(i) for i in range(self.num_layers - k, self.num_layers))
+        return LORA_TARGETS[self.family].replace(r".*\.attention", rf".*\.layer\.({layers})\.attention", 1)
+
     @property
     def tokenizer_fingerprint(self) -> str:
         if not hasattr(self, "_tok_fp"):

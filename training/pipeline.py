@@ -114,7 +114,7 @@ def _manifest_extra(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _lora_cfg_dict(cfg: LoraConfig) -> dict[str, Any]:
-    return {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout}
+    return {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "targets": cfg.targets}
 
 
 # ----------------------------------------------------------------------------- source LoRAs
@@ -141,7 +141,7 @@ def train_lora(ctx: Context, domain: str, resume: bool = False, out: Path | None
     users = train_users if train_users is not None else users
     source = ctx.source(domain, bb.tokenizer, cfg.max_len)
     torch.manual_seed(ctx.seed)
-    lora_cfg = LoraConfig()
+    lora_cfg = LoraConfig(targets=bb.lora_targets_top(cfg.lora_layers))
     model = SourceLoraModel(bb, lora_cfg)
     run_dir = ctx.paths.runs / (run_name or f"lora-{domain}-{ctx.preset.name}")
     state, dev = _train_then_evaluate(ctx, model, source, users, val, domain, cfg, run_dir, resume, max_steps)

@@ -25,6 +25,7 @@ class TrainConfig:
     dev_users: int | None  # dev users for the final reported metrics; None = all
     patience: int  # evaluations without improvement before stopping early (0 = never)
     save_every: int  # optimizer steps between resumable checkpoints
+    lora_layers: int = 0  # source LoRAs on the top-k layers only (0 = every layer); lower layers then run once
 
     def to_dict(self) -> dict:
         return asdict(self)

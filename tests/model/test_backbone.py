@@ -65,3 +65,13 @@ def test_tokenizer_fingerprint_ignores_call_time_padding_state(minilm_tokenizer)
     before = tokenizer_fingerprint(minilm_tokenizer)
     minilm_tokenizer(["a b c", "d"], padding=True, truncation=True, max_length=8)
     assert tokenizer_fingerprint(minilm_tokenizer) == before
+
+
+def test_lora_targets_top_k_layers():
+    import re
+
+    bb = tiny_backbone("bert", layers=4)
+    names = [n for n, _ in bb.model.named_modules()]
+    top = [n for n in names if re.fullmatch(bb.lora_targets_top(2), n)]
+    assert len(top) == 8 and all(".layer.2." in n or ".layer.3." in n for n in top)
+    assert bb.lora_targets_top(0) == bb.lora_targets == bb.lora_targets_top(4)
