@@ -92,8 +92,10 @@ class Context:
         return self.domain(name).dev[:limit]
 
     def meta(self, **extra: Any) -> dict[str, Any]:
-        return {"preset": self.preset.name, "backbone": self.backbone_name, "commit": git_commit(), "seed": self.seed,
-                "deviations": DEVIATIONS.get(self.preset.name, []), **extra}
+        p = self.preset
+        return {"preset": p.name, "base_preset": p.base or p.name, "overrides": list(p.overrides),
+                "backbone": self.backbone_name, "commit": git_commit(), "seed": self.seed,
+                "deviations": DEVIATIONS.get(p.base or p.name, []), **extra}
 
 
 def git_commit() -> str:
