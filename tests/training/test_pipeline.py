@@ -21,9 +21,10 @@ DOMS = ("Tools", "Sports", "Electronics")
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    ctx = Context(
+    ctx = Context(  # a tiny random backbone: this checks the pipeline's plumbing, not what MiniLM learns
         get_preset("smoke"),
         Paths(artifacts=root / "artifacts", results=root / "results", runs=root / "runs"),
+        backbone_name="tiny:bert",
         progress=False,
     )
     loras = {d: train_lora(ctx, d) for d in DOMS}
