@@ -46,11 +46,11 @@ def randomize_trainables(model: XCross, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05 + (0.5 if p.ndim == 1 and p.numel() <= 3 else 0))
 
 
-def naive_xcross(family: str, loras: list[LoraWeights], model: XCross, ids, mask) -> torch.Tensor:
+def naive_xcross(family: str, loras: list[LoraWeights], model: XCross, ids, mask, bb=None) -> torch.Tensor:
     """Reference: peft adapters toggled with set_adapter, one stream at a time, layer by layer, eq. 5 as a loop."""
     from peft import get_peft_model
 
-    bb = tiny_backbone(family)  # same seed -> same frozen weights as the model's backbone
+    bb = bb or tiny_backbone(family)  # same seed -> same frozen weights as the model's backbone
     n, cfg = len(loras), model.config
     peft_model = get_peft_model(bb.model, peft_config(bb, LoraConfig(dropout=0.0)), adapter_name="s0")
     for i in range(1, n):
@@ -109,6 +109,20 @@ def test_fast_path_matches_naive_reference(family, n):
     plain.w.data.copy_(model.w.data)
     with torch.no_grad():
         assert (plain(ids, mask) - fast).abs().max().item() > 1e-4
+
+
+@pytest.mark.slow
+def test_fast_path_matches_naive_reference_on_real_minilm(minilm):
+    from model.backbone import load_backbone
+
+    loras = [random_lora(minilm, seed=s, std=0.02) for s in range(2)]
+    model = XCross(minilm, loras, XCrossConfig(n_streams=2, top_k=6)).eval()
+    randomize_trainables(model)
+    ids, mask = batch(minilm)
+    with torch.no_grad():
+        fast = model(ids, mask)
+        ref = naive_xcross("bert", loras, model, ids, mask, bb=load_backbone("minilm"))  # its own copy for peft
+    assert (fast - ref).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("family", ["bert", "deberta-v2"])
