@@ -10,8 +10,8 @@
 `recommend(request)` chains the three without a batcher (forwards of `batch_prompts`): the direct model call that
 tests and the load test compare the service against. No FastAPI here; loading from settings is `service.loading`.
 
-Extension point for other runtimes (ONNX Runtime, another issue): a `Runtime` scores one padded batch for a
-domain; `TorchRuntime` is the one here. An ONNX runtime implements the same call and `describe()`.
+Extension point for other runtimes: a `Runtime` scores one padded batch for a domain; `TorchRuntime` is the one
+here, `service.runtimes.OnnxRuntime` (ONNX Runtime, fp32 or int8) implements the same call and `describe()`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import torch
 
 from model.backbone import Backbone
 from model.prompts import PromptBuilder, encode_pieces
-from model.xcross import XCross
 from service.cache import TokenCache
 from service.catalog import Catalogs, Resolved
 from service.schemas import InputError, Item, RankedItem, RecommendRequest, RecommendResponse, field_error
@@ -38,7 +37,7 @@ class ServedModel:
     domain: str
     kind: str  # "xcross" or "lora" (manifest kind)
     sha: str  # manifest content_hash
-    model: XCross
+    model: torch.nn.Module  # an XCross, in its inference form (model.inference.optimize_for_inference)
 
     @property
     def name(self) -> str:
@@ -66,10 +65,12 @@ class Runtime(Protocol):
 class TorchRuntime:
     """The PyTorch models on one device; bf16 autocast when `precision == "bf16"` (head and scores stay fp32)."""
 
-    def __init__(self, models: Mapping[str, XCross], device: str = "cpu", precision: str = "fp32"):
+    def __init__(self, models: Mapping[str, torch.nn.Module], device: str = "cpu", precision: str = "fp32",
+                 backend: str | None = None):
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision {precision!r}: use fp32 or bf16")
         self.models, self.device, self.precision = dict(models), torch.device(device), precision
+        self.backend = backend or ("torch-bf16" if precision == "bf16" else "torch")
 
     def __call__(self, domain: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         model = self.models[domain]
@@ -79,7 +80,7 @@ class TorchRuntime:
             return model(ids, mask).float().cpu()  # (B,)
 
     def describe(self) -> dict[str, str]:
-        return {"runtime": "torch", "device": str(self.device), "precision": self.precision}
+        return {"runtime": "torch", "backend": self.backend, "device": str(self.device), "precision": self.precision}
 
 
 def locked_encoder(tokenizer: Any) -> Callable[[Sequence[str]], list[list[int]]]:

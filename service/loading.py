@@ -1,4 +1,4 @@
-"""Build the `Engine` from settings: device, precision, backbone, checkpoints, catalogs, token cache (all the I/O).
+"""Build the `Engine` from settings: device, backend, backbone, checkpoints, catalogs, token cache (all the I/O).
 
 Checkpoints (DESIGN 5.6, layout written by the training CLI):
   <artifacts>/xcross/<Domain>/   kind "xcross": the target model, naming its source LoRAs by content hash
@@ -18,16 +18,16 @@ import torch
 
 from model.backbone import Backbone, load_backbone
 from model.checkpoint import CheckpointError, load_lora, load_model, read_manifest, single_stream
+from model.inference import cast_frozen_, optimize_for_inference
 from model.lora import LoraWeights
 from service.cache import TokenCache
 from service.catalog import Catalogs
-from service.engine import Engine, ServedModel, TorchRuntime, locked_encoder
-from service.settings import Settings
+from service.engine import Engine, Runtime, ServedModel, TorchRuntime, locked_encoder
+from service.machine import cpu_bf16_flags, tune_malloc
+from service.settings import BACKEND_PRECISION, Settings
 from training.data import DOMAINS
 
 log = logging.getLogger("service")
-
-BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 class StartupError(RuntimeError):
@@ -43,19 +43,6 @@ def resolve_device(setting: str) -> str:
     return setting
 
 
-def cpu_bf16_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
-    """The bf16 matmul flags this CPU advertises (empty when unknown)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return []
-    flags = set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[1].split())
-    return [f for f in BF16_CPU_FLAGS if f in flags]
-
-
 def resolve_precision(setting: str, device: str, cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, str]:
     """(precision, why): auto = bf16 on CUDA and on CPUs with avx512_bf16 / amx_bf16, else fp32."""
     if setting != "auto":
@@ -66,6 +53,22 @@ def resolve_precision(setting: str, device: str, cpuinfo: str | Path = "/proc/cp
     if flags:
         return "bf16", f"auto: CPU has {', '.join(flags)}"
     return "fp32", "auto: CPU has no avx512_bf16/amx_bf16"
+
+
+def resolve_backend(backend: str, precision: str, device: str,
+                    cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[str, str]:
+    """(backend, why). auto: an explicit XCROSS_PRECISION picks torch / torch-bf16; else torch-bf16 on CUDA and
+    on CPUs with bf16 matmul instructions (measured 2.5-3x fp32 on AMX, ~1.35x on avx512_bf16 alone, Hit@1
+    within 0.5 points: docs/performance.md), else torch fp32 (ONNX Runtime fp32 measured no faster; int8 is
+    offered, not chosen, until its Hit@1 change is measured on trained checkpoints)."""
+    if backend == "onnx-int8" and device != "cpu":
+        raise StartupError("XCROSS_BACKEND=onnx-int8 runs on the CPU only; on CUDA use onnx or torch-bf16")
+    if backend != "auto":
+        return backend, f"XCROSS_BACKEND={backend}"
+    if precision != "auto":
+        return ("torch-bf16" if precision == "bf16" else "torch"), f"auto: XCROSS_PRECISION={precision}"
+    resolved, why = resolve_precision("auto", device, cpuinfo)
+    return ("torch-bf16" if resolved == "bf16" else "torch"), why
 
 
 def find_checkpoints(artifacts: Path) -> dict[str, Path]:
@@ -94,9 +97,13 @@ def preflight(found: dict[str, Path], backbone: str) -> None:
                                   "serve it with that backbone or point XCROSS_ARTIFACTS at matching checkpoints")
 
 
-def load_models(artifacts: Path, backbone: Backbone, device: str = "cpu") -> dict[str, ServedModel]:
-    """Every served domain's model. LoRA domains load first and their adapters join the cache (by content hash)
-    that X-Cross targets take their sources from, so each source LoRA file is read once."""
+def load_models(artifacts: Path, backbone: Backbone, device: str = "cpu",
+                streamwise: bool | None = None) -> dict[str, ServedModel]:
+    """Every served domain's model, in its inference form (model.inference): `streamwise` (default: on the CPU)
+    runs the streams one after another with merged LoRAs, else they stay folded in the batch (GPU, ONNX export).
+    LoRA domains load first and their adapters join the cache (by content hash) that X-Cross targets take their
+    sources from, so each source LoRA file is read once."""
+    streamwise = device == "cpu" if streamwise is None else streamwise
     loras: dict[str, LoraWeights] = {}
     found = find_checkpoints(artifacts)
     served = {}
@@ -112,14 +119,40 @@ def load_models(artifacts: Path, backbone: Backbone, device: str = "cpu") -> dic
         if named != domain:
             raise CheckpointError(f"{path}: the manifest is for domain {named!r} but the directory serves {domain}; "
                                   "move the checkpoint to the matching directory")
-        served[domain] = ServedModel(domain, manifest["kind"], manifest["content_hash"], model.to(device).eval())
+        model = optimize_for_inference(model.to(device), streamwise=streamwise)
+        served[domain] = ServedModel(domain, manifest["kind"], manifest["content_hash"], model)
     return dict(sorted(served.items()))
+
+
+def source_hashes(artifacts: Path, domain: str) -> list[str]:
+    """Content hashes of an X-Cross checkpoint's source LoRAs (none for a LoRA checkpoint)."""
+    path = find_checkpoints(artifacts).get(domain)
+    manifest = read_manifest(path) if path is not None else {}
+    return [ref["content_hash"] for ref in manifest.get("sources", [])]
+
+
+def build_runtime(backend: str, models: dict[str, ServedModel], settings: Settings, backbone: Backbone,
+                  device: str) -> Runtime:
+    """The runtime of a resolved backend; torch-bf16 stores the frozen weights in bf16 first."""
+    torch_models = {d: m.model for d, m in models.items()}
+    if backend == "torch":
+        return TorchRuntime(torch_models, device, "fp32", backend=backend)
+    if backend == "torch-bf16":
+        for model in torch_models.values():
+            cast_frozen_(model, torch.bfloat16)
+        return TorchRuntime(torch_models, device, "bf16", backend=backend)
+    from service.runtimes import build_onnx_runtime
+
+    sources = {d: source_hashes(settings.artifacts, d) for d in models}
+    return build_onnx_runtime(models, sources, f"{backbone.name}@{backbone.revision}", settings.onnx_cache,
+                              backend, device, torch.get_num_threads())
 
 
 def load_engine(settings: Settings) -> Engine:
     """Everything the service needs, loaded once; raises StartupError / CheckpointError with a clear message."""
     device = resolve_device(settings.device)
-    precision, why = resolve_precision(settings.precision, device)
+    backend, why = resolve_backend(settings.backend, settings.precision, device)
+    malloc = settings.tune_malloc and tune_malloc()
     artifacts = settings.artifacts
     found = find_checkpoints(artifacts)
     if not found and not settings.allow_empty:
@@ -132,15 +165,15 @@ def load_engine(settings: Settings) -> Engine:
     if limit is not None and settings.max_len > limit:
         raise StartupError(f"XCROSS_MAX_LEN={settings.max_len} exceeds the backbone's {limit} positions")
     backbone.model.to(device)
-    models = load_models(artifacts, backbone, device)
+    models = load_models(artifacts, backbone, device, streamwise=device == "cpu" and backend.startswith("torch"))
     catalogs = Catalogs.load(models, settings.data_dir)
     cache = TokenCache(locked_encoder(backbone.tokenizer), backbone.tokenizer_fingerprint, settings.redis_url,
                        lru_size=settings.cache_lru_size, ttl_s=settings.cache_ttl_s,
                        timeout_s=settings.cache_timeout_s, retry_s=settings.cache_retry_s)
-    runtime = TorchRuntime({d: m.model for d, m in models.items()}, device, precision)
-    log.info("serving %s on %s, precision %s (%s), %d threads, Redis %s",
-             ", ".join(m.name for m in models.values()) or "nothing", device, precision, why,
-             torch.get_num_threads(), "on" if settings.redis_url else "off")
+    runtime = build_runtime(backend, models, settings, backbone, device)
+    log.info("serving %s on %s, backend %s (%s; %s), %d threads, malloc tuning %s, Redis %s",
+             ", ".join(m.name for m in models.values()) or "nothing", device, backend, BACKEND_PRECISION[backend],
+             why, torch.get_num_threads(), "on" if malloc else "off", "on" if settings.redis_url else "off")
     return Engine(backbone, models, catalogs, cache, runtime=runtime, max_len=settings.max_len,
                   max_history=settings.max_history, batch_prompts=settings.batch_prompts)
 

@@ -11,7 +11,7 @@
   xcross_token_cache_events_total{tier,event}         counter    token cache: lru hit/miss; redis hit/miss/corrupt/
                                                                  error/fallback; tokenizer call (in titles)
   xcross_redis_errors_total                           counter    failed Redis round trips
-  xcross_model_info{domain,kind,backbone,sha,precision}  gauge 1  the served checkpoints
+  xcross_model_info{domain,kind,backbone,sha,precision,backend}  gauge 1  the served checkpoints
 The cache counters are read from `TokenCache.stats()` at scrape time (a custom collector), so they need no wiring
 into the cache and are exact.
 """
@@ -80,7 +80,7 @@ class Metrics:
         for domain, served in engine.models.items():
             self._model_info.labels(domain=domain).info(
                 {"kind": served.kind, "backbone": info["backbone"], "sha": served.sha[:12],
-                 "precision": info["precision"]})
+                 "precision": info["precision"], "backend": info.get("backend", info.get("runtime", ""))})
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()

@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "XCROSS_"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+ONNX_CACHE = Path("~/.cache/xcross-serve/onnx").expanduser()
+BACKEND_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "onnx": "fp32", "onnx-int8": "int8"}
 
 
 class SettingsError(ValueError):
@@ -36,9 +38,19 @@ class Settings(BaseSettings):
     allow_empty: bool = Field(False, description="start even when no checkpoint is found (/readyz stays 503)")
     # --- compute ----------------------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when a GPU is present, else cpu")
+    backend: Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8"] = Field(
+        "auto", description="torch (fp32), torch-bf16 (bf16 autocast, bf16 weights), onnx (ONNX Runtime fp32; CUDA "
+                            "provider on GPU), onnx-int8 (dynamic int8, CPU); auto = torch-bf16 on CUDA and on "
+                            "CPUs with avx512_bf16 or amx_bf16, else torch; under auto an explicit "
+                            "XCROSS_PRECISION picks torch (fp32) or torch-bf16 (bf16)")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast on CUDA and on CPUs with avx512_bf16 or amx_bf16, else fp32")
+        "auto", description="auto = bf16 autocast on CUDA and on CPUs with avx512_bf16 or amx_bf16, else fp32 (kept "
+                            "for compatibility: the torch precision when XCROSS_BACKEND=auto)")
+    onnx_cache: Path = Field(ONNX_CACHE, description="where the onnx backends export the models at start "
+                                                     "(one directory per checkpoint content hash)")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+    tune_malloc: bool = Field(True, description="keep large tensors on the glibc heap instead of fresh mmap pages "
+                                                "(faster forwards at 60+ prompts; memory is kept by the process)")
     max_len: int = Field(256, ge=8, le=4096, description="prompt length cap in tokens (oldest history dropped)")
     warmup: bool = Field(True, description="run one forward per domain before /readyz turns 200")
     # --- batching ---------------------------------------------------------------------------------------
@@ -82,6 +94,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
+        if self.backend != "auto" and self.precision != "auto" and BACKEND_PRECISION[self.backend] != self.precision:
+            raise ValueError(
+                f"XCROSS_PRECISION={self.precision} contradicts XCROSS_BACKEND={self.backend} (which runs in "
+                f"{BACKEND_PRECISION[self.backend]}); unset XCROSS_PRECISION or pick the backend alone")
         if self.max_batch_tokens < self.max_len:
             raise ValueError(
                 f"XCROSS_MAX_BATCH_TOKENS={self.max_batch_tokens} is below XCROSS_MAX_LEN={self.max_len}: "
@@ -120,6 +136,7 @@ def settings_table() -> list[tuple[str, str, str]]:
     for name, field in Settings.model_fields.items():
         default = field.default
         if isinstance(default, Path):
-            default = "<repo>/artifacts" if default == REPO_ROOT / "artifacts" else str(default)
+            default = {REPO_ROOT / "artifacts": "<repo>/artifacts", ONNX_CACHE: "~/.cache/xcross-serve/onnx"}.get(
+                default, str(default))
         rows.append((env_name(name), "unset" if default is None else str(default), field.description or ""))
     return rows

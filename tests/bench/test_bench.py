@@ -1,0 +1,56 @@
+"""The benchmark suite runs and reports every key (timings are not asserted: a benchmark is not a test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench.flops import xcross_flops
+from bench.timing import interleave, ratio
+from model.inference import optimize_for_inference
+from model.xcross import XCross, XCrossConfig
+from tests.model.test_xcross import batch, random_lora
+from tests.tiny import tiny_backbone
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KEYS = ["fast_vs_naive", "xcross_over_single", "xcross_over_single_shared3", "single_vs_crossencoder",
+        "bf16_speedup", "bf16_hit1_diff", "ort_fp32_speedup", "ort_fp32_max_abs_diff", "ort_int8_speedup",
+        "ort_int8_hit1_diff", "service_over_raw", "service_p50_over_raw", "cache_speedup", "flop_efficiency",
+        "bf16_flop_efficiency", "cpu", "cpu_flags", "threads", "contended"]
+
+
+def test_interleave_runs_variants_in_turn_and_keeps_outputs():
+    calls, outs = [], {}
+    times = interleave({"a": lambda i: calls.append(("a", i)) or i, "b": lambda i: calls.append(("b", i))},
+                       reps=3, warmup=1, outputs=outs)
+    assert calls == [("a", 0), ("b", 0), ("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+    assert len(times["a"]) == 3 and outs["a"] == [0, 1, 2] and ratio(times, "a", "a") == 1.0
+
+
+@pytest.mark.parametrize("form", ["grouped", "streamwise", "packed"])
+def test_flop_count_matches_torch_flop_counter(form):
+    bb = tiny_backbone("bert")
+    model = XCross(bb, [random_lora(bb, 0), random_lora(bb, 1)], XCrossConfig(top_k=1)).eval()
+    model = optimize_for_inference(model, streamwise=form != "grouped", packed=form == "packed")
+    ids, mask = batch(bb)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(ids, mask)
+    counted = counter.get_total_flops()  # matmuls (it has no formula for the CPU flash-attention kernel)
+    assert abs(xcross_flops(model, mask, attention=False) - counted) / counted < 0.02
+
+
+@pytest.mark.slow
+def test_quick_bench_prints_every_key_as_json():
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not [k for k in KEYS if k not in keys], keys
+    assert keys["ort_fp32_max_abs_diff"] < 1e-4 and keys["fast_vs_naive_max_abs_diff"] < 1e-4
