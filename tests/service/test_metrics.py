@@ -80,8 +80,8 @@ def test_metrics_after_known_traffic_and_promtool_accepts_them(engine):
     assert value(text, "xcross_queue_prompts") == 0
     info = {labels for (name, labels), v in samples(text).items() if name == "xcross_model_info" and v == 1}
     sha = engine.models["Tools"].sha[:12]
-    assert (("backbone", "random:bert"), ("domain", "Tools"), ("kind", "xcross"), ("precision", "fp32"),
-            ("sha", sha)) in info and len(info) == 3
+    assert (("backbone", "random:bert"), ("backend", "torch"), ("domain", "Tools"), ("kind", "xcross"),
+            ("precision", "fp32"), ("sha", sha)) in info and len(info) == 3
 
     check = subprocess.run([promtool(), "check", "metrics"], input=text.encode(), capture_output=True, timeout=60)
     assert check.returncode == 0 and not check.stdout.strip() and not check.stderr.strip(), check
