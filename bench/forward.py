@@ -27,10 +27,11 @@ import numpy as np
 import torch
 
 from bench import flops as F
-from bench.models import NaiveXCross, Request, load, source_loras
+from bench.models import Request, load, source_loras
 from bench.timing import interleave, median, ratio
 from model.backbone import Backbone
 from model.onnx_export import export_onnx, quantize_int8, run, session
+from model.reference import NaiveXCross
 from training.evaluate import metrics_from_ranks, rank_of_target
 
 

@@ -21,10 +21,10 @@ from contextlib import nullcontext
 import torch
 from transformers import DebertaV2Config
 
-from bench.models import NaiveXCross, random_lora
 from bench.timing import median
 from model.backbone import backbone_from_config
 from model.inference import optimize_for_inference
+from model.reference import NaiveXCross, random_lora
 from model.xcross import XCross, XCrossConfig
 
 

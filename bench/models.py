@@ -9,7 +9,6 @@ well two backends agree (a random model's Hit@1 is near chance, 1/30).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from model.checkpoint import load_model, save_lora, save_xcross
 from model.inference import cast_frozen_, optimize_for_inference
 from model.lora import LoraWeights
 from model.prompts import prompt_text
+from model.reference import random_lora
 from model.xcross import Head, XCross, XCrossConfig
 from training.data import load_domain
 from training.evaluate import PromptSource
@@ -60,19 +60,6 @@ def dev_requests(backbone: Backbone, n: int, domain: str = TARGET, max_len: int 
     return out
 
 
-def random_lora(backbone: Backbone, seed: int, std: float = 0.05, layers: set[int] | None = None) -> LoraWeights:
-    """Non-zero A and B on the family's target modules (of `layers` only, when given)."""
-    g = torch.Generator().manual_seed(seed)
-    A, B = {}, {}
-    for name, mod in backbone.model.named_modules():
-        if re.fullmatch(backbone.lora_targets, name):
-            if layers is not None and int(re.search(r"\.layer\.(\d+)\.", f".{name}").group(1)) not in layers:
-                continue
-            A[name] = torch.randn(LORA_CFG["r"], mod.in_features, generator=g) * std
-            B[name] = torch.randn(mod.out_features, LORA_CFG["r"], generator=g) * std
-    return LoraWeights(A, B, LORA_CFG["alpha"] / LORA_CFG["r"])
-
-
 def random_artifacts(root: Path, backbone: Backbone, top_k: int | None = None, lora_layers: set[int] | None = None,
                      seed: int = 0) -> Path:
     """lora/<source> x 2 and xcross/<TARGET> over them, freshly initialised (see the module doc)."""
@@ -100,62 +87,6 @@ def load(artifacts: Path, backbone: Backbone, kind: str = "xcross", form: str = 
     if form != "ref":
         model = optimize_for_inference(model, streamwise=form == "served", packed=packed)
     return cast_frozen_(model, torch.bfloat16) if bf16_weights else model.eval()
-
-
-class NaiveXCross:
-    """The reference of DESIGN 5.3: peft adapters toggled with `set_adapter`, one stream at a time, layer by layer,
-    eq. 5 as a Python loop; it reuses the X-Cross model's integrator weights, w and head (same scores)."""
-
-    def __init__(self, backbone: Backbone, loras: list[LoraWeights], model: XCross):
-        from peft import get_peft_model
-
-        from model.backbone import LayerRunner
-        from model.lora import LoraConfig
-        from model.source import peft_config
-
-        cfg = peft_config(backbone, LoraConfig(dropout=0.0))
-        self.peft = get_peft_model(backbone.model, cfg, adapter_name="s0")  # wraps `backbone` in place
-        for i in range(1, len(loras)):
-            self.peft.add_adapter(f"s{i}", peft_config(backbone, LoraConfig(dropout=0.0)))
-        with torch.no_grad():
-            for name, module in self.peft.named_modules():
-                if hasattr(module, "lora_A") and "s0" in module.lora_A:
-                    path = name.removeprefix("base_model.model.")
-                    for i, lora in enumerate(loras):
-                        if abs(module.scaling[f"s{i}"] - lora.scale) > 1e-9:
-                            raise ValueError(f"LoRA scale {lora.scale} is not peft's {module.scaling[f's{i}']}")
-                        module.lora_A[f"s{i}"].weight.copy_(lora.A[path])
-                        module.lora_B[f"s{i}"].weight.copy_(lora.B[path])
-        self.peft.eval()
-        self.runner = LayerRunner(self.peft.base_model.model, backbone.family)
-        self.n, self.model, self.num_layers = len(loras), model, backbone.num_layers
-
-    @torch.inference_mode()
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        n, cfg = self.n, self.model.config
-        h0 = self.runner.embed(ids, mask)
-        ctx = self.runner.context(h0, mask)
-        hs = [h0] * n
-        for l in range(self.num_layers):
-            outs = []
-            for m in range(n):
-                self.peft.base_model.set_adapter(f"s{m}")
-                outs.append(self.runner.layer(l, hs[m], ctx, h0))
-            if str(l) in self.model.integrators:
-                W = self.model.integrators[str(l)].W_concat.weight  # (2n(n-1), n*d)
-                z = torch.cat(outs, -1) @ W.T  # (B, T, 2n(n-1))
-                refined = []
-                for m in range(n):
-                    acc = outs[m].clone()
-                    for jj, mp in enumerate(j for j in range(n) if j != m):
-                        z_direct = z[..., m * (n - 1) + jj, None]
-                        z_inter = z[..., n * (n - 1) + m * (n - 1) + jj, None]
-                        acc = acc + cfg.beta * z_direct * outs[mp] + cfg.gamma * z_inter * (outs[m] - outs[mp])
-                    refined.append(acc)
-                outs = refined
-            hs = outs
-        h_final = sum(self.model.w[m] * hs[m][:, 0] for m in range(n))
-        return self.model.head(h_final)
 
 
 def source_loras(artifacts: Path, backbone: Backbone, domain: str = TARGET) -> list[LoraWeights]:

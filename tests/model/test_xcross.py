@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.backbone import LayerRunner
 from model.lora import LoraConfig, LoraWeights
 from model.params import head_params, lora_params, report, xcross_params
-from model.source import SourceLoraModel, peft_config
+from model.reference import NaiveXCross, random_lora
+from model.source import SourceLoraModel
 from model.xcross import Head, Integrator, XCross, XCrossConfig, listwise_loss
 from tests.tiny import tiny_backbone
 
@@ -17,19 +17,6 @@ PROMPTS = [
     "History: 1: lego set Candidate: puzzle",
     "History: 1: usb cable 2: hdmi cable 3: mouse pad Candidate: keyboard with backlight",
 ]
-
-
-def random_lora(backbone, seed: int, std: float = 0.05) -> LoraWeights:
-    """A LoRA with non-zero A and B on the family's target modules (peft would init B = 0)."""
-    import re
-
-    g = torch.Generator().manual_seed(seed)
-    A, B = {}, {}
-    for name, mod in backbone.model.named_modules():
-        if re.fullmatch(backbone.lora_targets, name):
-            A[name] = torch.randn(16, mod.in_features, generator=g) * std
-            B[name] = torch.randn(mod.out_features, 16, generator=g) * std
-    return LoraWeights(A, B, 32 / 16)
 
 
 def batch(backbone):
@@ -47,48 +34,8 @@ def randomize_trainables(model: XCross, seed: int = 0) -> None:
 
 
 def naive_xcross(family: str, loras: list[LoraWeights], model: XCross, ids, mask, bb=None) -> torch.Tensor:
-    """Reference: peft adapters toggled with set_adapter, one stream at a time, layer by layer, eq. 5 as a loop."""
-    from peft import get_peft_model
-
-    bb = bb or tiny_backbone(family)  # same seed -> same frozen weights as the model's backbone
-    n, cfg = len(loras), model.config
-    peft_model = get_peft_model(bb.model, peft_config(bb, LoraConfig(dropout=0.0)), adapter_name="s0")
-    for i in range(1, n):
-        peft_model.add_adapter(f"s{i}", peft_config(bb, LoraConfig(dropout=0.0)))
-    with torch.no_grad():
-        for name, module in peft_model.named_modules():
-            if hasattr(module, "lora_A") and "s0" in module.lora_A:
-                path = name.removeprefix("base_model.model.")
-                for i, lora in enumerate(loras):
-                    module.lora_A[f"s{i}"].weight.copy_(lora.A[path])
-                    module.lora_B[f"s{i}"].weight.copy_(lora.B[path])
-                    assert module.scaling[f"s{i}"] == lora.scale
-    peft_model.eval()
-    runner = LayerRunner(peft_model.base_model.model, family)
-    h0 = runner.embed(ids, mask)
-    ctx = runner.context(h0, mask)
-    hs = [h0] * n
-    for l in range(bb.num_layers):
-        outs = []
-        for m in range(n):
-            peft_model.set_adapter(f"s{m}")
-            outs.append(runner.layer(l, hs[m], ctx, h0))
-        if str(l) in model.integrators:
-            W = model.integrators[str(l)].W_concat.weight  # (2n(n-1), n*d)
-            z = torch.cat(outs, -1) @ W.T  # (B, T, 2n(n-1))
-            refined = []
-            for m in range(n):
-                acc = outs[m].clone()
-                others = [j for j in range(n) if j != m]
-                for jj, mp in enumerate(others):
-                    z_direct = z[..., m * (n - 1) + jj, None]
-                    z_inter = z[..., n * (n - 1) + m * (n - 1) + jj, None]
-                    acc = acc + cfg.beta * z_direct * outs[mp] + cfg.gamma * z_inter * (outs[m] - outs[mp])
-                refined.append(acc)
-            outs = refined
-        hs = outs
-    h_final = sum(model.w[m] * hs[m][:, 0] for m in range(n))
-    return model.head(h_final)
+    """The reference (peft set_adapter per stream, eq. 5 as a loop) on its own backbone copy: peft wraps in place."""
+    return NaiveXCross(bb or tiny_backbone(family), loras, model)(ids, mask)  # same seed -> same frozen weights
 
 
 @pytest.mark.parametrize("family", ["bert", "deberta-v2"])
