@@ -6,7 +6,7 @@
     python -m training train-xcross --target Tools --preset cpu   # X-Cross -> artifacts/xcross/Tools
     python -m training train-xcross --target Tools --top-k 1 --name minus-layers       # ablation -Layers
     python -m training train-xcross --target Tools --gamma 0 --name minus-interactions # ablation -Interactions
-    python -m training train-xcross --target Tools --n-sources 1 --name minus-experts   # ablation -Experts
+    python -m training train-xcross --target Tools --beta 0 --name minus-experts        # ablation -Experts
     python -m training train-xcross --target Tools --n-sources 1 --head-only --name pooler-scorer
     python -m training mean-lora --target Tools                   # baseline: averaged source LoRAs
     python -m training low-data --target Tools                    # X-Cross vs LoRA on 50..1000 users (+ plot)
@@ -14,6 +14,7 @@
         --users ../shared/data/amazon-xcross/Tools/dev.jsonl --json   # any dev.jsonl-format file
     python -m training compare results/a.json results/b.json     # paired two-sided t-test per metric
     python -m training report                                     # docs/results.md + docs/training_curves.png
+    python -m training all --preset cpu --jobs 2                  # everything above, resumable, 2 workers
 
 Long commands show progress, checkpoint every few steps, and continue after a kill with `--resume`.
 Every command takes `--preset smoke|cpu|paper` (default cpu) and `--quiet`.
@@ -32,6 +33,7 @@ import typer
 from training.data import DOMAINS, check_domain
 from training.pipeline import Context, Paths
 from training.presets import get_preset
+from training.schedule import STAGES
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -45,6 +47,7 @@ ArtifactsOpt = Annotated[Path | None, typer.Option(help="checkpoint root (defaul
 ResultsOpt = Annotated[Path | None, typer.Option(help="results root (default: results/)")]
 RunsOpt = Annotated[Path | None, typer.Option(help="training state root (default: runs/)")]
 DataOpt = Annotated[Path | None, typer.Option(help="amazon-xcross data root (default: ../shared/data/amazon-xcross)")]
+
 
 
 MaxStepsOpt = Annotated[int | None, typer.Option(help="stop after N optimizer steps (resume later with --resume)")]
@@ -119,15 +122,20 @@ def train_lora_cmd(domain: Annotated[str, typer.Option(callback=_domain)], prese
 @app.command("zero-shot")
 def zero_shot_cmd(preset: PresetOpt = "cpu", quiet: QuietOpt = False,
                   domains: Annotated[str, typer.Option(help="comma-separated subset")] = ",".join(DOMAINS),
+                  rows: Annotated[str | None, typer.Option(help="only these sources' rows (to split the work)")]
+                  = None,
                   artifacts: ArtifactsOpt = None, results: ResultsOpt = None, data: DataOpt = None) -> None:
-    """Every domain's LoRA on every domain (dev and validation users); choose each target's two sources."""
+    """Every domain's LoRA on every domain (dev and validation users); choose each target's two sources.
+
+    Cells already evaluated (results/zero_shot/<S>-on-<T>.json, same preset and LoRA) are reused."""
     from training.pipeline import zero_shot
 
     names = tuple(_domain(d) for d in domains.split(","))
-    out = zero_shot(_ctx(preset, quiet, artifacts=artifacts, results=results, data=data), names)
+    picked = tuple(_domain(d) for d in rows.split(",")) if rows else None
+    out = zero_shot(_ctx(preset, quiet, artifacts=artifacts, results=results, data=data), names, picked)
     typer.echo("dev Hit@1 (rows: LoRA of, columns: evaluated on)")
     typer.echo(" " * 12 + "".join(f"{t:>12}" for t in names))
-    for s in names:
+    for s in picked or names:
         typer.echo(f"{s:>12}" + "".join(f"{out['dev'][s][t]['hit@1']:12.2f}" for t in names))
     for t, srcs in out["sources"].items():
         typer.echo(f"sources for {t}: {' + '.join(srcs)}")
@@ -142,6 +150,8 @@ def train_xcross_cmd(target: Annotated[str, typer.Option(callback=_domain)], pre
                      top_k: Annotated[int | None, typer.Option(help="integrated top layers (1 = -Layers)")] = None,
                      gamma: Annotated[float | None, typer.Option(help="interaction strength (0 = -Interactions)")]
                      = None,
+                     beta: Annotated[float | None, typer.Option(help="direct-influence strength (0 = -Experts)")]
+                     = None,
                      head_only: Annotated[bool, typer.Option("--head-only", help="Pooler+Scorer baseline")] = False,
                      name: Annotated[str, typer.Option(help="run name; 'xcross' saves to artifacts/xcross")]
                      = "xcross",
@@ -154,7 +164,8 @@ def train_xcross_cmd(target: Annotated[str, typer.Option(callback=_domain)], pre
 
     ctx = _ctx(preset, quiet, seed, artifacts, results, runs, data, overrides, tag)
     srcs = [_domain(s) for s in sources.split(",")] if sources else chosen_sources(ctx, target)
-    out = train_xcross(ctx, target, srcs[:n_sources], top_k, gamma, head_only, name, resume, max_steps=max_steps)
+    out = train_xcross(ctx, target, srcs[:n_sources], top_k, gamma, head_only, name, resume, max_steps=max_steps,
+                       beta=beta)
     _report_training(f"{name} {target}", out)
 
 
@@ -217,6 +228,47 @@ def report_cmd(preset: PresetOpt = "cpu", results: ResultsOpt = None,
     docs.mkdir(parents=True, exist_ok=True)
     curves = plot_curves(root, docs / "training_curves.png")
     typer.echo(f"wrote {write_report(root, docs, preset)}" + (f" and {curves}" if curves else ""))
+
+
+@app.command("all")
+def all_cmd(preset: PresetOpt = "cpu",
+            jobs: Annotated[int, typer.Option(help="worker processes")] = 2,
+            threads: Annotated[int | None, typer.Option(help="threads per worker (default: cores / jobs)")] = None,
+            stages: Annotated[str, typer.Option(help="comma-separated subset of: " + ", ".join(STAGES))]
+            = ",".join(STAGES),
+            targets: Annotated[str, typer.Option(help="X-Cross / baseline targets")] = ",".join(DOMAINS),
+            ablation_targets: Annotated[str, typer.Option(help="targets of the three ablations")]
+            = ",".join(DOMAINS),
+            low_data_targets: Annotated[str, typer.Option(help="targets of the low-data curves")] = "Tools,Toys",
+            dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and what is done")] = False,
+            results: ResultsOpt = None) -> None:
+    """The whole pipeline as a resumable job graph on N worker processes (logs in logs/<job>.log).
+
+    Run it again after a kill, or in the next session: finished jobs are skipped, unfinished ones resume."""
+    from training.pipeline import REPO, Paths
+    from training.schedule import plan, run
+
+    picked = tuple(s.strip() for s in stages.split(","))
+    unknown = [s for s in picked if s not in STAGES]
+    if unknown:
+        raise typer.BadParameter(f"--stages: unknown {unknown}; choose from {', '.join(STAGES)}")
+
+    def doms(value: str) -> tuple[str, ...]:
+        return tuple(_domain(d) for d in value.split(",") if d)
+
+    graph = plan(preset, results or Paths().results, doms(targets), picked, doms(ablation_targets),
+                 doms(low_data_targets))
+    if dry_run:
+        for j in graph:
+            mark = "done" if j.done and j.finished() else "todo"
+            typer.echo(f"{mark:>4}  {j.name:<28} python -m training {' '.join(j.args)}")
+        return
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    status = run(graph, jobs, threads, REPO / "logs", REPO, echo=typer.echo)
+    counts = {s: sum(v == s for v in status.values()) for s in ("done", "skipped", "failed", "blocked")}
+    typer.echo("pipeline: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    if counts["failed"] or counts["blocked"]:
+        raise typer.Exit(1)
 
 
 @app.command("compare")

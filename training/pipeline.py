@@ -168,19 +168,32 @@ def score_checkpoint(ctx: Context, path: Path, users: list, domain: str, bf16: b
     return evaluate_users(model, source, users, bf16, ctx.progress, desc)
 
 
-def zero_shot(ctx: Context, domains: tuple[str, ...] = DOMAINS) -> dict:
-    """Every domain's LoRA on every domain's dev and validation users; sources = best two on validation."""
+def zero_shot(ctx: Context, domains: tuple[str, ...] = DOMAINS, rows: tuple[str, ...] | None = None) -> dict:
+    """Every domain's LoRA on every domain's dev and validation users; sources = best two on validation.
+
+    Each (source, target) cell is saved to results/zero_shot/<S>-on-<T>.json as soon as it is evaluated and reused
+    by later calls (same preset and LoRA checkpoint), so the matrix resumes after a kill and `rows` lets several
+    workers split it; the matrix and the choice of sources are written once every row is there.
+    """
     n = ctx.preset.floor_users
     cfg = ctx.preset.lora
     dev, val = {}, {}
-    for src in domains:
+    for src in rows or domains:
+        sha = read_manifest(ctx.paths.lora(src))["content_hash"]
         for tgt in domains:
+            path = ctx.paths.results / "zero_shot" / f"{src}-on-{tgt}.json"
+            cached = load_result(path) if path.exists() else {}
+            if cached.get("preset") == ctx.preset.name and cached.get("lora_hash") == sha and "val" in cached:
+                dev.setdefault(src, {})[tgt], val.setdefault(src, {})[tgt] = cached["metrics"], cached["val"]
+                continue
             r_dev = score_checkpoint(ctx, ctx.paths.lora(src), ctx.dev(tgt, n), tgt, cfg.bf16, f"{src}->{tgt} dev")
             r_val = score_checkpoint(ctx, ctx.paths.lora(src), ctx.split(tgt, cfg)[1][:n], tgt, cfg.bf16,
                                      f"{src}->{tgt} val")
             dev.setdefault(src, {})[tgt], val.setdefault(src, {})[tgt] = r_dev["metrics"], r_val["metrics"]
-            save_result(ctx.paths.results / "zero_shot" / f"{src}-on-{tgt}.json", r_dev,
-                        **ctx.meta(kind="lora-zero-shot", source=src, target=tgt))
+            save_result(path, r_dev, **ctx.meta(kind="lora-zero-shot", source=src, target=tgt, lora_hash=sha),
+                        val=r_val["metrics"])
+    if rows is not None and set(rows) != set(domains):
+        return {"dev": dev, "val": val, "sources": {}}
     sources = {}
     for tgt in domains:
         ranked = sorted((s for s in domains if s != tgt),
@@ -203,8 +216,11 @@ def chosen_sources(ctx: Context, target: str) -> list[str]:
 
 def train_xcross(ctx: Context, target: str, sources: list[str] | None = None, top_k: int | None = None,
                  gamma: float | None = None, head_only: bool = False, name: str = "xcross", resume: bool = False,
-                 out: Path | None = None, train_users: list | None = None, max_steps: int | None = None) -> dict:
-    """X-Cross on the chosen sources (or an ablation / the Pooler+Scorer baseline with `head_only`)."""
+                 out: Path | None = None, train_users: list | None = None, max_steps: int | None = None,
+                 beta: float | None = None, integrator: dict[str, Any] | None = None) -> dict:
+    """X-Cross on the chosen sources (or an ablation / the Pooler+Scorer baseline with `head_only`).
+
+    `integrator`: further `XCrossConfig` fields, e.g. the GCA option (training/variants.py)."""
     cfg = ctx.preset.xcross
     bb = ctx.backbone()
     sources = sources or chosen_sources(ctx, target)
@@ -212,7 +228,8 @@ def train_xcross(ctx: Context, target: str, sources: list[str] | None = None, to
     loras = [x[0] for x in loaded]
     n = len(sources)
     k = 0 if n == 1 else (ctx.preset.top_k if top_k is None else top_k)
-    xcfg = XCrossConfig(n_streams=n, top_k=k, beta=0.5, gamma=0.4 if gamma is None else gamma)
+    xcfg = XCrossConfig(n_streams=n, top_k=k, beta=0.5 if beta is None else beta,
+                        gamma=0.4 if gamma is None else gamma, **(integrator or {}))
     torch.manual_seed(ctx.seed)
     head = copy.deepcopy(loaded[0][1])  # init from the best zero-shot source's head (DESIGN 5.2)
     model = XCross(bb, loras, xcfg, head=head)
@@ -245,12 +262,16 @@ def low_data(ctx: Context, target: str, models: tuple[str, ...] = ("xcross", "lo
             subset = [pool[i] for i in sorted(idx)]
             for kind in models:
                 name = f"lowdata-{kind}-{size}-s{seed}"
-                if kind == "xcross":
-                    out = train_xcross(ctx, target, name=name, train_users=subset)
+                run = f"{name}-{target}-{ctx.preset.name}"
+                done = ctx.paths.results / f"{run}.json"  # finished runs are not trained again; others resume
+                if done.exists():
+                    metrics = load_result(done)["metrics"]
+                elif kind == "xcross":
+                    metrics = train_xcross(ctx, target, name=name, train_users=subset, resume=True)["dev"]
                 else:
-                    out = train_lora(ctx, target, train_users=subset, run_name=f"{name}-{target}-{ctx.preset.name}",
-                                     out=ctx.paths.runs / f"{name}-{target}-{ctx.preset.name}" / "model")
-                rows.append({"model": kind, "size": size, "seed": seed, **out["dev"]})
+                    metrics = train_lora(ctx, target, train_users=subset, run_name=run, resume=True,
+                                         out=ctx.paths.runs / run / "model")["dev"]
+                rows.append({"model": kind, "size": size, "seed": seed, **metrics})
     zs = json.loads((ctx.paths.results / "zero_shot.json").read_text())
     reference = max((s for s in zs["dev"] if s != target), key=lambda s: zs["val"][s][target]["hit@1"])
     result = {**ctx.meta(kind="low-data", target=target), "rows": rows, "reference": reference,

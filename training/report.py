@@ -64,7 +64,7 @@ def _rows(results: Path, preset: str) -> list[tuple[str, str, callable]]:
         ("X-Cross", "X-Cross", lambda d: results / f"xcross-{d}-{preset}.json"),
         ("-Layers (last layer only)", "-Layers", lambda d: results / f"minus-layers-{d}-{preset}.json"),
         ("-Interactions (gamma=0)", "-Interactions", lambda d: results / f"minus-interactions-{d}-{preset}.json"),
-        ("-Experts (one source)", "-Experts", lambda d: results / f"minus-experts-{d}-{preset}.json"),
+        ("-Experts (beta = 0)", "-Experts", lambda d: results / f"minus-experts-{d}-{preset}.json"),
     ]
     return rows
 

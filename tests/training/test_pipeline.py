@@ -55,6 +55,23 @@ def test_zero_shot_matrix_and_source_choice(pipeline):
     assert json.loads((root / "results" / "zero_shot.json").read_text())["sources"] == zs["sources"]
 
 
+def test_zero_shot_reuses_saved_cells_and_splits_by_row(pipeline, monkeypatch):
+    import training.pipeline as tp
+
+    ctx, root, _, zs, _ = pipeline
+    cell = json.loads((root / "results" / "zero_shot" / "Tools-on-Sports.json").read_text())
+    assert cell["val"] == zs["val"]["Tools"]["Sports"] and cell["lora_hash"]
+
+    def no_eval(*_a, **_k):
+        raise AssertionError("a saved cell was evaluated again")
+
+    monkeypatch.setattr(tp, "score_checkpoint", no_eval)
+    again = zero_shot(ctx, DOMS)
+    assert again["dev"] == zs["dev"] and again["sources"] == zs["sources"]
+    part = zero_shot(ctx, DOMS, rows=("Sports",))
+    assert set(part["dev"]) == {"Sports"} and part["sources"] == {}
+
+
 def test_xcross_checkpoint_references_its_sources(pipeline):
     _, root, _, zs, xc = pipeline
     m = read_manifest(root / "artifacts" / "xcross" / "Tools")
@@ -136,6 +153,9 @@ def test_low_data_runs_and_plots(pipeline):
     assert {(r["model"], r["size"]) for r in out["rows"]} == {("xcross", 4), ("xcross", 8), ("lora", 4), ("lora", 8)}
     assert out["reference"] in ("Sports", "Electronics")
     assert (root / "results" / "low_data-Tools.png").stat().st_size > 1000
+    mtime = (root / "results" / "lowdata-xcross-4-s0-Tools-smoke.json").stat().st_mtime
+    assert low_data(ctx, "Tools")["rows"] == out["rows"]  # finished runs are read back, not trained again
+    assert (root / "results" / "lowdata-xcross-4-s0-Tools-smoke.json").stat().st_mtime == mtime
 
 
 def test_report_writes_tables_with_paper_numbers(pipeline, tmp_path):
