@@ -105,7 +105,7 @@ def service_suite(engine: Engine, server: Server, requests: list[Request], reps:
         for k in range(per_round):
             p = prepared[(per_round * i + k) % len(prepared)]
             t0 = time.perf_counter()
-            engine.forward(p.domain, p.prompts)
+            engine.forward(p.key, p.prompts)
             raw.append(time.perf_counter() - t0)
 
     def sequential(i: int) -> None:

@@ -3,6 +3,9 @@
 - kind "lora": `tensors.safetensors` = LoRA A/B per module (`<module>.lora_A`, `.lora_B`) + head (`head.*`).
 - kind "xcross": `tensors.safetensors` = integrators, w, head; the manifest names its source LoRAs by content hash
   (and a relative path hint). n_streams=1 with top_k=0 covers the Pooler+Scorer baseline and -Experts.
+- kind "gca": as "xcross", with gated cross-attention integrators (`config.integrator == "gca"`, model/gca.py).
+- kind "weaverec": as "lora", holding a merged adapter sum_i lambda_i s_i B_i A_i (ranks concatenated) and the
+  lambda-merged head; the manifest records lambda and the merged components' content hashes (model/weaverec.py).
 The manifest records backbone name + revision, tokenizer fingerprint, hyperparameters, metrics, the sha256 of
 each file, and library versions. Loading verifies every hash and the backbone/tokenizer before building anything:
 a missing, truncated or mismatched checkpoint raises `CheckpointError`, never returns a half-loaded model.
@@ -127,18 +130,20 @@ def save_lora(directory: str | Path, lora: LoraWeights, head: Head, backbone: Ba
                                        **_backbone_meta(backbone), **extra})
 
 
-def _open(directory: str | Path, kind: str, backbone: Backbone) -> tuple[Path, dict[str, Any], dict]:
+def _open(directory: str | Path, kind: str | tuple[str, ...], backbone: Backbone) -> tuple[Path, dict[str, Any], dict]:
     """Manifest, kind and backbone checks, then the hash-verified tensors."""
     d = Path(directory)
     manifest = read_manifest(d)
-    if manifest.get("kind") != kind:
-        raise CheckpointError(f"{d}: kind {manifest.get('kind')!r}, expected {kind!r}")
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if manifest.get("kind") not in kinds:
+        raise CheckpointError(f"{d}: kind {manifest.get('kind')!r}, expected {' or '.join(map(repr, kinds))}")
     check_backbone(manifest, backbone, d)
     return d, manifest, _load_tensors(d, manifest)
 
 
-def load_lora(directory: str | Path, backbone: Backbone) -> tuple[LoraWeights, Head, dict[str, Any]]:
-    d, manifest, tensors = _open(directory, "lora", backbone)
+def load_lora(directory: str | Path, backbone: Backbone, kinds: tuple[str, ...] = ("lora",)
+              ) -> tuple[LoraWeights, Head, dict[str, Any]]:
+    d, manifest, tensors = _open(directory, kinds, backbone)
     lora = LoraWeights.from_state_dict({k: v for k, v in tensors.items() if not k.startswith("head.")},
                                        manifest["lora"]["scale"])
     missing = [m for m in lora.modules if not _has_module(backbone, m)]
@@ -155,6 +160,27 @@ def _has_module(backbone: Backbone, path: str) -> bool:
         return False
 
 
+# ---------------------------------------------------------------- WeaveRec merged adapters
+
+
+def save_weaverec(directory: str | Path, lora: LoraWeights, head: Head, backbone: Backbone, *, target: str,
+                  components: list[tuple[str, str | Path]], weights: list[float], **extra: Any) -> Path:
+    """A merged adapter (`LoraWeights.merge`: sum_i lambda_i s_i B_i A_i, ranks concatenated) + the merged head.
+
+    Self-contained (the merged tensors are stored); `components` (name, LoRA checkpoint dir) are recorded by
+    content hash for provenance only."""
+    refs = [{"name": name, "content_hash": read_manifest(path)["content_hash"]} for name, path in components]
+    tensors = {**lora.state_dict(), **_head_tensors(head)}
+    return _write(directory, tensors, {"kind": "weaverec", "target": target, "components": refs,
+                                       "weights": [float(w) for w in weights], "lora": {"scale": lora.scale,
+                                                                                        "rank": lora.rank},
+                                       **_backbone_meta(backbone), **extra})
+
+
+def load_weaverec(directory: str | Path, backbone: Backbone) -> tuple[LoraWeights, Head, dict[str, Any]]:
+    return load_lora(directory, backbone, kinds=("weaverec",))
+
+
 # ---------------------------------------------------------------- X-Cross models
 
 
@@ -167,7 +193,7 @@ def save_xcross(directory: str | Path, model: XCross, backbone: Backbone, *, tar
         m = read_manifest(src)
         rel = os.path.relpath(Path(src).resolve(), d.resolve())  # a hint; the content hash decides
         refs.append({"domain": domain, "content_hash": m["content_hash"], "path": rel})
-    return _write(d, model.trainable_state_dict(), {"kind": "xcross", "target": target, "sources": refs,
+    return _write(d, model.trainable_state_dict(), {"kind": model.config.kind, "target": target, "sources": refs,
                                                      "config": model.config.to_dict(), **_backbone_meta(backbone),
                                                      **extra})
 
@@ -193,7 +219,7 @@ def resolve_source(ref: dict[str, Any], xcross_dir: Path, search: list[Path]) ->
 def load_xcross(directory: str | Path, backbone: Backbone, search: list[str | Path] = (),
                 loras: dict[str, LoraWeights] | None = None) -> tuple[XCross, dict[str, Any]]:
     """Build an X-Cross model; `loras` caches source LoRAs by content hash so services load each one once."""
-    d, manifest, tensors = _open(directory, "xcross", backbone)
+    d, manifest, tensors = _open(directory, ("xcross", "gca"), backbone)
     cache = loras if loras is not None else {}
     streams = []
     for ref in manifest["sources"]:
@@ -221,7 +247,7 @@ def load_model(directory: str | Path, backbone: Backbone, search: list[str | Pat
                loras: dict[str, LoraWeights] | None = None) -> tuple[XCross, dict[str, Any]]:
     """Any checkpoint kind as a scoring model."""
     manifest = read_manifest(directory)
-    if manifest.get("kind") == "lora":
-        lora, head, manifest = load_lora(directory, backbone)
+    if manifest.get("kind") in ("lora", "weaverec"):  # one adapter: a single stream
+        lora, head, manifest = load_lora(directory, backbone, kinds=(manifest["kind"],))
         return single_stream(backbone, lora, head), manifest
     return load_xcross(directory, backbone, search, loras)

@@ -1,7 +1,8 @@
 """Inference-only forms of a built `XCross`: the same scores (tested within 1e-5) with less work.
 
     optimize_for_inference(model)                   grouped form (GPU, ONNX export): streams folded in the batch
-    optimize_for_inference(model, streamwise=True)  CPU form: StreamwiseXCross
+    optimize_for_inference(model, streamwise=True)  CPU form: StreamwiseXCross (X-Cross's eq. 5 only: a GCA
+                                                    model gets the grouped form instead)
     cast_frozen_(model, torch.bfloat16)             frozen weights stored in bf16, for bf16 autocast
 
 Grouped form, modules swapped in place (frozen tensors stay shared):
@@ -41,8 +42,8 @@ class FastIntegrator(nn.Module):
         self.n, self.beta, self.gamma = integ.n, integ.beta, integ.gamma
         self.W_concat = integ.W_concat  # shared: (2n(n-1), n*d)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        n, B, T, d = h.shape  # (n, B, T, d)
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, B, T, d = h.shape  # (n, B, T, d); eq. 5 is per token: the mask is not needed
         hs = h.reshape(n, -1, d)  # (n, B*T, d)
         W = self.W_concat.weight.view(-1, n, d).permute(1, 2, 0)  # (n, d, 2n(n-1))   W_m^T
         z = torch.bmm(hs, W.to(hs.dtype)).sum(0)  # (B*T, 2n(n-1))   (eq. 4) z = sum_m W_m h_m
@@ -168,6 +169,8 @@ class StreamwiseXCross(nn.Module):
 
     def __init__(self, model: XCross, packed: bool = True):
         super().__init__()
+        if model.config.integrator != "xcross":
+            raise ValueError(f"StreamwiseXCross runs eq. 5 only, not the {model.config.integrator!r} integrator")
         if not any(isinstance(m, GroupedLoRALinear) for m in model.encoder.layers.modules()):
             raise ValueError("StreamwiseXCross needs the model as built (GroupedLoRALinear modules), not optimized")
         self.config, self.num_layers, self.fold_at = model.config, model.num_layers, model.encoder.fold_at
@@ -235,8 +238,9 @@ def optimize_for_inference(model: XCross, streamwise: bool = False, packed: bool
     """The inference form of a built model: with `streamwise` (for CPUs) a `StreamwiseXCross` (BERT family:
     `packed`, no work on padding); otherwise the same model with its integrators and LoRA linears swapped in
     place. Returns it in eval mode."""
-    if streamwise:
+    if streamwise and model.config.integrator == "xcross":
         return StreamwiseXCross(model, packed=packed).eval()
+    # GCA models (model/gca.py) stay in the grouped form: the streamwise form implements eq. 5 only
     _replace_lora(model.encoder.layers, lambda g: merged_linear(g) if g.n_streams == 1 else FusedLoRALinear(g))
     for key, integ in list(model.integrators.items()):
         if isinstance(integ, Integrator):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -77,14 +78,30 @@ class LoraWeights:
         return cls(A, B, scale)
 
     @classmethod
+    def merge(cls, loras: list[LoraWeights], weights: Sequence[float] | torch.Tensor | None = None) -> LoraWeights:
+        """sum_i lambda_i s_i B_i A_i, exactly (WeaveRec's merge; default lambda uniform): the ranks are
+        concatenated, A = [A_1; ...; A_n], B = [lambda_1 s_1 B_1, ..., lambda_n s_n B_n], scale 1.
+
+        Not peft's `add_weighted_adapter("linear")`, which mixes the A's and the B's separately (DESIGN 5.7)."""
+        if not loras:
+            raise ValueError("merge of LoRAs: no adapters given")
+        if {tuple(x.modules) for x in loras} != {tuple(loras[0].modules)}:
+            raise ValueError("merge of LoRAs: the adapters adapt different modules")
+        n = len(loras)
+        lam = torch.full((n,), 1.0 / n) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        if lam.shape != (n,):
+            raise ValueError(f"merge of LoRAs: {lam.numel()} weights for {n} adapters")
+        A = {m: torch.cat([x.A[m] for x in loras], 0) for m in loras[0].modules}
+        B = {m: torch.cat([x.B[m] * (float(lam[i]) * x.scale) for i, x in enumerate(loras)], 1)
+             for m in loras[0].modules}
+        return cls(A, B, 1.0, {"merge_of": n, "weights": [round(float(v), 6) for v in lam]})
+
+    @classmethod
     def mean(cls, loras: list[LoraWeights]) -> LoraWeights:
         """The average of the adapters' delta_W, exactly: concatenate ranks, (1/n) sum_i s_i B_i A_i."""
-        if {tuple(x.modules) for x in loras} != {tuple(loras[0].modules)}:
-            raise ValueError("mean of LoRAs: the adapters adapt different modules")
-        n = len(loras)
-        A = {m: torch.cat([x.A[m] for x in loras], 0) for m in loras[0].modules}
-        B = {m: torch.cat([x.B[m] * (x.scale / n) for x in loras], 1) for m in loras[0].modules}
-        return cls(A, B, 1.0, {"mean_of": n})
+        out = cls.merge(loras)
+        out.meta = {"mean_of": len(loras)}
+        return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -4,6 +4,7 @@ Read top-down against the paper:
   XCrossConfig                         n streams, top-K integrated layers, beta, gamma
   MultiLoraEncoder                     eq. 3: each stream runs layer l with its own frozen LoRA (folded in the batch)
   Integrator                           eqs. 4-5: z = W_concat [h_1; ...; h_n], then the refined h~_m
+                                       (or, with `integrator="gca"`, gated cross-attention: model/gca.py)
   Head                                 eqs. 7-8: pooled = GELU(W_p h[CLS] + b_p), score = V_c . pooled + b_c
   XCross                               the loop over layers, eq. 6 (h_final = sum_m w_m h~_m), the head
   listwise_loss                        eq. 1: softmax NLL of the positive among its group of candidates
@@ -30,16 +31,35 @@ class XCrossConfig:
     beta: float = 0.5  # direct-influence strength (eq. 5)
     gamma: float = 0.4  # interaction strength (eq. 5); 0 = the -Interactions ablation
     init_std: float = 1e-3  # W_concat starts near 0, so training starts from the source models
+    integrator: str = "xcross"  # "xcross" (eqs. 4-5) or "gca" (gated cross-attention, model/gca.py; reconstructed)
+    layers: tuple[int, ...] = ()  # integrated layers by index (-1 = top) instead of the top-K; empty = top_k
+    gca_act: str = "sigmoid"  # GCA gate activation: sigmoid | tanh
+    gca_layer_norm: bool = True  # GCA: LayerNorm on the queries
 
     def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))  # JSON manifests give lists
         if self.n_streams < 1:
             raise ValueError(f"XCrossConfig.n_streams must be >= 1 (got {self.n_streams})")
         if self.top_k < 0:
             raise ValueError(f"XCrossConfig.top_k must be >= 0 (got {self.top_k})")
-        if self.n_streams == 1 and self.top_k:
+        if self.n_streams == 1 and (self.top_k or self.layers):
             raise ValueError("XCrossConfig: a single stream has nothing to integrate; set top_k=0")
+        if self.integrator not in ("xcross", "gca"):
+            raise ValueError(f"XCrossConfig.integrator {self.integrator!r}: use xcross or gca")
+        if self.gca_act not in ("sigmoid", "tanh"):
+            raise ValueError(f"XCrossConfig.gca_act {self.gca_act!r}: use sigmoid or tanh")
+
+    @property
+    def kind(self) -> str:
+        """The checkpoint kind of a model with this config."""
+        return "gca" if self.integrator == "gca" else "xcross"
 
     def integrated_layers(self, num_layers: int) -> list[int]:
+        if self.layers:
+            bad = [x for x in self.layers if not -num_layers <= x < num_layers]
+            if bad:
+                raise ValueError(f"XCrossConfig.layers {bad} out of range for the backbone's {num_layers} layers")
+            return sorted({x % num_layers for x in self.layers})
         if self.top_k > num_layers:
             raise ValueError(f"XCrossConfig.top_k={self.top_k} exceeds the backbone's {num_layers} layers")
         return list(range(num_layers - self.top_k, num_layers))
@@ -84,8 +104,8 @@ class Integrator(nn.Module):
         others = torch.tensor([[j for j in range(n) if j != m] for m in range(n)], dtype=torch.long)
         self.register_buffer("others", others.reshape(n, n - 1), persistent=False)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        n, B, T, d = h.shape  # (n, B, T, d)
+    def forward(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        n, B, T, d = h.shape  # (n, B, T, d); the mask is for other integrators (GCA): eq. 5 is per token
         h_concat = h.permute(1, 2, 0, 3).reshape(B, T, n * d)  # (B, T, n*d)          [h_1; ...; h_n]
         z = self.W_concat(h_concat).view(B, T, 2, n, n - 1)  # (B, T, 2, n, n-1)   (eq. 4)
         z_direct, z_inter = z[:, :, 0], z[:, :, 1]  # (B, T, n, n-1) each
@@ -121,11 +141,18 @@ class XCross(nn.Module):
         fold_at = self.layer_ids[0] if self.layer_ids else None
         self.encoder = MultiLoraEncoder(backbone, loras, fold_at)
         n = config.n_streams
-        self.integrators = nn.ModuleDict(
-            {str(l): Integrator(n, self.d, config.beta, config.gamma, config.init_std) for l in self.layer_ids}
-        )
+        self.integrators = nn.ModuleDict({str(l): self._integrator(backbone) for l in self.layer_ids})
         self.w = nn.Parameter(torch.full((n,), 1.0 / n))  # (eq. 6), init 1/n
         self.head = head if head is not None else Head(self.d)
+
+    def _integrator(self, backbone: Backbone) -> nn.Module:
+        c = self.config
+        if c.integrator == "gca":
+            from model.gca import GatedCrossAttention
+
+            return GatedCrossAttention(c.n_streams, self.d, int(backbone.config.num_attention_heads), c.gca_act,
+                                       c.gca_layer_norm, c.init_std)
+        return Integrator(c.n_streams, self.d, c.beta, c.gamma, c.init_std)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """h_final[CLS], (B, d)."""
@@ -140,7 +167,7 @@ class XCross(nn.Module):
                 ctx = enc.runner.context(h, attention_mask.repeat(n, 1))
             h = enc.layer(l, h, ctx, first)  # (eq. 3) each stream with its own LoRA
             if str(l) in self.integrators:
-                h = self.integrators[str(l)](h.view(n, B, T, -1)).reshape(n * B, T, -1)  # (eqs. 4-5)
+                h = self.integrators[str(l)](h.view(n, B, T, -1), attention_mask).reshape(n * B, T, -1)  # (4-5)
         h_cls = h[:, 0].view(n, B, -1) if h.shape[0] == n * B else h[:, 0].expand(n, B, -1)  # (n, B, d)
         return torch.einsum("n,nbd->bd", self.w.to(h_cls.dtype), h_cls)  # (eq. 6) h_final[CLS]
 

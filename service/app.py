@@ -74,7 +74,7 @@ class ServiceState:
                 size = min(self.settings.batch_prompts, self.settings.queue_prompts)
                 for req in engine.warmup_requests(candidates=size):
                     prepared = await run_in_threadpool(engine.preprocess, req)
-                    await batcher.submit(prepared.domain, prepared.prompts)
+                    await batcher.submit(prepared.key, prepared.prompts)
             except Exception as exc:  # noqa: BLE001 - reported by /readyz and the log; the process stays up
                 log.exception("warm-up failed")
                 self.status = f"warm-up failed: {exc}"
@@ -152,7 +152,7 @@ router = APIRouter()
 async def recommend(req: RecommendDep, engine: EngineDep, batcher: BatcherDep) -> RecommendResponse:
     """Rank the candidates for the history, in the target domain's model."""
     prepared = await run_in_threadpool(engine.preprocess, req)
-    scores = await batcher.submit(prepared.domain, prepared.prompts)
+    scores = await batcher.submit(prepared.key, prepared.prompts)
     return engine.postprocess(prepared, scores)
 
 

@@ -2,11 +2,13 @@
 
   preprocess(request)        catalog lookup, cached title tokenization, prompt assembly -> `Prepared` (CPU, I/O:
                              the token cache may ask Redis; runs in a worker thread)
-  forward(domain, prompts)   ONE padded batch through the domain's model under `torch.inference_mode`, bf16
+  forward(key, prompts)      ONE padded batch through one served model under `torch.inference_mode`, bf16
                              autocast when the precision says so -> one fp32 score per prompt (the batcher calls it
                              from its single forward thread)
   postprocess(prepared, s)   rank by score, ties by input position, top-k -> `RecommendResponse`
 
+Models are keyed `<Domain>` (the domain's default) or `<Domain>:<kind>` (the others: service.loading); a request's
+optional `model` field (a kind) picks one, and forwards, batches and runtimes go by that key.
 `recommend(request)` chains the three without a batcher (forwards of `batch_prompts`): the direct model call that
 tests and the load test compare the service against. No FastAPI here; loading from settings is `service.loading`.
 
@@ -35,7 +37,7 @@ class ServedModel:
     """A loaded checkpoint serving one target domain."""
 
     domain: str
-    kind: str  # "xcross" or "lora" (manifest kind)
+    kind: str  # manifest kind: "xcross", "weaverec", "gca" or "lora"
     sha: str  # manifest content_hash
     model: torch.nn.Module  # an XCross, in its inference form (model.inference.optimize_for_inference)
 
@@ -52,6 +54,10 @@ class Prepared:
     candidates: list[Resolved]
     prompts: list[list[int]]
     top_k: int
+    key: str = ""  # the served model's key (batcher and runtime route by it); default: the domain's default model
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.domain
 
 
 class Runtime(Protocol):
@@ -109,7 +115,7 @@ class Engine:
         max_history: int = 50,  # history items kept (the most recent)
         batch_prompts: int = 30,  # prompts per forward on the direct path (`score`, `recommend`)
     ):
-        missing = sorted(set(models) - set(catalogs.domains))
+        missing = sorted({m.domain for m in models.values()} - set(catalogs.domains))
         if missing:
             raise ValueError(f"no catalog for served domains {missing}")
         self.backbone, self.models, self.catalogs, self.cache = backbone, dict(models), catalogs, cache
@@ -119,7 +125,11 @@ class Engine:
 
     @property
     def domains(self) -> list[str]:
-        return sorted(self.models)
+        return sorted({m.domain for m in self.models.values()})
+
+    def kinds(self, domain: str) -> dict[str, str]:
+        """The kinds served for a domain -> their model keys."""
+        return {m.kind: key for key, m in sorted(self.models.items()) if m.domain == domain}
 
     def describe(self) -> dict[str, Any]:
         """What /readyz and the model-info metric show."""
@@ -131,6 +141,7 @@ class Engine:
     def preprocess(self, req: RecommendRequest) -> Prepared:
         """Resolve items, tokenize titles through the cache (one call per request), build one prompt per candidate."""
         domain = self._served(req.domain)
+        key = self._model(domain, req.model)
         errors: list[dict[str, Any]] = []
         history = self.catalogs.resolve(domain, req.history, "history", errors)
         candidates = self.catalogs.resolve(domain, req.candidates, "candidates", errors)
@@ -139,12 +150,12 @@ class Engine:
         history = history[-self.builder.max_history :]
         ids = self.cache.get_many([it.title for it in history + candidates])
         prompts = self.builder.build_many(ids[: len(history)], ids[len(history) :])
-        return Prepared(domain, candidates, prompts, min(req.top_k, len(candidates)))
+        return Prepared(domain, candidates, prompts, min(req.top_k, len(candidates)), key)
 
-    def forward(self, domain: str, prompts: Sequence[Sequence[int]]) -> list[float]:
-        """Scores of one forward batch, padded to its longest prompt."""
+    def forward(self, key: str, prompts: Sequence[Sequence[int]]) -> list[float]:
+        """Scores of one forward batch through the model `key` (a domain: its default), padded to its longest."""
         input_ids, attention_mask = self.builder.collate(prompts)  # (B, T) each
-        return self.runtime(domain, input_ids, attention_mask).tolist()
+        return self.runtime(key, input_ids, attention_mask).tolist()
 
     def postprocess(self, prepared: Prepared, scores: Sequence[float]) -> RecommendResponse:
         """Rank by score (descending; ties keep input order) and keep the top k."""
@@ -156,38 +167,52 @@ class Engine:
                        title=prepared.candidates[i].title, score=float(scores[i]), rank=rank)
             for rank, i in enumerate(order, start=1)
         ]
-        return RecommendResponse(domain=prepared.domain, model=self.models[prepared.domain].name, items=items)
+        return RecommendResponse(domain=prepared.domain, model=self.models[prepared.key].name, items=items)
 
     # --- direct path ----------------------------------------------------------------------------------
 
-    def score(self, domain: str, prompts: Sequence[Sequence[int]]) -> list[float]:
+    def score(self, key: str, prompts: Sequence[Sequence[int]]) -> list[float]:
         """All prompts, in forwards of `batch_prompts`."""
         out: list[float] = []
         for start in range(0, len(prompts), self.batch_prompts):
-            out += self.forward(domain, prompts[start : start + self.batch_prompts])
+            out += self.forward(key, prompts[start : start + self.batch_prompts])
         return out
 
     def recommend(self, req: RecommendRequest) -> RecommendResponse:
         """The direct model call: preprocess, score, postprocess (no batcher)."""
         prepared = self.preprocess(req)
-        return self.postprocess(prepared, self.score(prepared.domain, prepared.prompts))
+        return self.postprocess(prepared, self.score(prepared.key, prepared.prompts))
 
     def warmup_requests(self, candidates: int | None = None, history: int = 10) -> list[RecommendRequest]:
-        """One request per domain from its catalog: `history` items and `candidates` (default: a full forward)."""
+        """One request per served model from its domain's catalog: `history` items and `candidates` (default: a
+        full forward)."""
         candidates = candidates or self.batch_prompts
         reqs = []
-        for domain in self.domains:
-            n = len(self.catalogs[domain])
+        for key, served in sorted(self.models.items()):
+            n = len(self.catalogs[served.domain])
             ids = [i % n for i in range(history + candidates)]
-            reqs.append(RecommendRequest(domain=domain, history=[Item(id=i) for i in ids[:history]],
-                                         candidates=[Item(id=i) for i in ids[history:]], top_k=candidates))
+            reqs.append(RecommendRequest(domain=served.domain, history=[Item(id=i) for i in ids[:history]],
+                                         candidates=[Item(id=i) for i in ids[history:]], top_k=candidates,
+                                         model=None if key == served.domain else served.kind))
         return reqs
 
     def close(self) -> None:
         self.cache.close()
 
+    def _model(self, domain: str, kind: str | None) -> str:
+        """The key of the model serving `domain` with `kind` (None: the domain's default)."""
+        if kind is None:
+            return domain if domain in self.models else next(iter(self.kinds(domain).values()))
+        kinds = self.kinds(domain)
+        if kind in kinds:
+            return kinds[kind]
+        default = self.models[domain].kind if domain in self.models else "none"
+        msg = (f"model {kind[:32]!r} is not served for {domain}; valid choices: {', '.join(sorted(kinds))} "
+               f"(default: {default}; omit the field to use it)")
+        raise InputError([field_error(["body", "model"], msg, "unknown_model")])
+
     def _served(self, domain: str) -> str:
-        if domain in self.models:
+        if domain in self.domains:
             return domain
         served = ", ".join(self.domains) or "none (no checkpoints loaded)"
         msg = f"domain {domain[:64]!r} is not served; served domains: {served}"

@@ -2,10 +2,14 @@
 
 Checkpoints (DESIGN 5.6, layout written by the training CLI):
   <artifacts>/xcross/<Domain>/   kind "xcross": the target model, naming its source LoRAs by content hash
+  <artifacts>/weaverec/<Domain>/ kind "weaverec": one merged adapter (WeaveRec; costs what one LoRA costs)
+  <artifacts>/gca/<Domain>/      kind "gca": X-Cross with gated cross-attention (served in the grouped torch form)
   <artifacts>/lora/<Domain>/     kind "lora": a source LoRA (+ head)
-A domain is served by `xcross/<Domain>` when present, else by `lora/<Domain>`; source LoRAs are looked up under
-`lora/` and each is read once for all targets (`load_models`). A corrupt or mismatched checkpoint raises
-`CheckpointError`.
+Every checkpoint found is served. A request picks one with its optional `model` field (a kind); without it, the
+domain's default: the kind XCROSS_MODEL names when the domain has it, else the first of xcross, weaverec, gca,
+lora that it has. Served models are keyed `<Domain>` (the default) and `<Domain>:<kind>` (the others): the batcher
+and the runtime route by that key. Source LoRAs are looked up under `lora/` and each is read once for all targets
+(`load_models`). A corrupt or mismatched checkpoint raises `CheckpointError`.
 """
 
 from __future__ import annotations
@@ -71,21 +75,35 @@ def resolve_backend(backend: str, precision: str, device: str,
     return ("torch-bf16" if resolved == "bf16" else "torch"), why
 
 
-def find_checkpoints(artifacts: Path) -> dict[str, Path]:
-    """The checkpoint directory serving each domain: xcross/<Domain> if present, else lora/<Domain>."""
-    found = {}
-    for kind in ("xcross", "lora"):
+KINDS = ("xcross", "weaverec", "gca", "lora")  # the served checkpoint kinds, in default order
+
+
+def find_all_checkpoints(artifacts: Path) -> dict[str, dict[str, Path]]:
+    """Every served checkpoint directory: domain -> kind -> <artifacts>/<kind>/<Domain>, kinds in KINDS order."""
+    for kind in KINDS:
         root = artifacts / kind
         for d in sorted(root.iterdir()) if root.is_dir() else []:
             if d.is_dir() and d.name not in DOMAINS:
                 log.warning("ignoring %s: not a domain directory (domains: %s)", d, ", ".join(DOMAINS))
+    found: dict[str, dict[str, Path]] = {}
     for domain in DOMAINS:
-        for kind in ("xcross", "lora"):
+        for kind in KINDS:
             d = artifacts / kind / domain
             if d.is_dir():  # a directory without a manifest is an interrupted save: load_model says so
-                found[domain] = d
-                break
+                found.setdefault(domain, {})[kind] = d
     return found
+
+
+def default_kind(kinds: dict[str, Path] | list[str], prefer: str = "auto") -> str:
+    """The kind serving a domain by default: `prefer` when the domain has it, else the first in KINDS order."""
+    if prefer != "auto" and prefer in kinds:
+        return prefer
+    return next(k for k in KINDS if k in kinds)
+
+
+def find_checkpoints(artifacts: Path, prefer: str = "auto") -> dict[str, Path]:
+    """The checkpoint directory serving each domain by default (xcross/<Domain> first, lora/<Domain> last)."""
+    return {domain: kinds[default_kind(kinds, prefer)] for domain, kinds in find_all_checkpoints(artifacts).items()}
 
 
 def preflight(found: dict[str, Path], backbone: str) -> None:
@@ -98,17 +116,21 @@ def preflight(found: dict[str, Path], backbone: str) -> None:
 
 
 def load_models(artifacts: Path, backbone: Backbone, device: str = "cpu",
-                streamwise: bool | None = None) -> dict[str, ServedModel]:
-    """Every served domain's model, in its inference form (model.inference): `streamwise` (default: on the CPU)
-    runs the streams one after another with merged LoRAs, else they stay folded in the batch (GPU, ONNX export).
-    LoRA domains load first and their adapters join the cache (by content hash) that X-Cross targets take their
-    sources from, so each source LoRA file is read once."""
+                streamwise: bool | None = None, prefer: str = "auto") -> dict[str, ServedModel]:
+    """Every served model, in its inference form (model.inference), keyed `<Domain>` for the domain's default
+    (`prefer`, see `default_kind`) and `<Domain>:<kind>` for the others. `streamwise` (default: on the CPU) runs
+    the streams one after another with merged LoRAs, else they stay folded in the batch (GPU, ONNX export); GCA
+    models always stay folded (the streamwise form implements eq. 5 only). A WeaveRec checkpoint is one merged
+    adapter: a single stream, merged into W, so it costs exactly what a LoRA costs.
+    LoRA checkpoints load first and their adapters join the cache (by content hash) that X-Cross targets take
+    their sources from, so each source LoRA file is read once."""
     streamwise = device == "cpu" if streamwise is None else streamwise
     loras: dict[str, LoraWeights] = {}
-    found = find_checkpoints(artifacts)
+    found = find_all_checkpoints(artifacts)
+    entries = [(d, kind, path, kind == default_kind(kinds, prefer))
+               for d, kinds in found.items() for kind, path in kinds.items()]
     served = {}
-    for domain in sorted(found, key=lambda d: found[d].parent.name != "lora"):
-        path = found[domain]
+    for domain, kind, path, is_default in sorted(entries, key=lambda e: (e[1] != "lora", e[0], KINDS.index(e[1]))):
         if read_manifest(path).get("kind") == "lora":
             lora, head, manifest = load_lora(path, backbone)
             lora = loras.setdefault(manifest["content_hash"], lora)
@@ -119,14 +141,20 @@ def load_models(artifacts: Path, backbone: Backbone, device: str = "cpu",
         if named != domain:
             raise CheckpointError(f"{path}: the manifest is for domain {named!r} but the directory serves {domain}; "
                                   "move the checkpoint to the matching directory")
+        if manifest["kind"] != kind:
+            raise CheckpointError(f"{path}: a {manifest['kind']!r} checkpoint in the {kind}/ directory; move it to "
+                                  f"{manifest['kind']}/{domain}")
         model = optimize_for_inference(model.to(device), streamwise=streamwise)
-        served[domain] = ServedModel(domain, manifest["kind"], manifest["content_hash"], model)
+        key = domain if is_default else f"{domain}:{kind}"
+        served[key] = ServedModel(domain, manifest["kind"], manifest["content_hash"], model)
     return dict(sorted(served.items()))
 
 
-def source_hashes(artifacts: Path, domain: str) -> list[str]:
-    """Content hashes of an X-Cross checkpoint's source LoRAs (none for a LoRA checkpoint)."""
-    path = find_checkpoints(artifacts).get(domain)
+def source_hashes(artifacts: Path, domain: str, kind: str | None = None) -> list[str]:
+    """Content hashes of an X-Cross (or GCA) checkpoint's source LoRAs (none for a LoRA or WeaveRec checkpoint);
+    `kind` None: the domain's default checkpoint."""
+    kinds = find_all_checkpoints(artifacts).get(domain, {})
+    path = kinds.get(kind) if kind is not None else (kinds[default_kind(kinds)] if kinds else None)
     manifest = read_manifest(path) if path is not None else {}
     return [ref["content_hash"] for ref in manifest.get("sources", [])]
 
@@ -141,9 +169,13 @@ def build_runtime(backend: str, models: dict[str, ServedModel], settings: Settin
         for model in torch_models.values():
             cast_frozen_(model, torch.bfloat16)
         return TorchRuntime(torch_models, device, "bf16", backend=backend)
+    gca = sorted(key for key, m in models.items() if m.kind == "gca")
+    if gca:
+        raise StartupError(f"XCROSS_BACKEND={backend}: GCA checkpoints ({', '.join(gca)}) are served by the torch "
+                           "backends only; use XCROSS_BACKEND=torch or torch-bf16, or move artifacts/gca/ away")
     from service.runtimes import build_onnx_runtime
 
-    sources = {d: source_hashes(settings.artifacts, d) for d in models}
+    sources = {key: source_hashes(settings.artifacts, m.domain, m.kind) for key, m in models.items()}
     return build_onnx_runtime(models, sources, f"{backbone.name}@{backbone.revision}", settings.onnx_cache,
                               backend, device, torch.get_num_threads())
 
@@ -154,26 +186,29 @@ def load_engine(settings: Settings) -> Engine:
     backend, why = resolve_backend(settings.backend, settings.precision, device)
     malloc = settings.tune_malloc and tune_malloc()
     artifacts = settings.artifacts
-    found = find_checkpoints(artifacts)
+    found = find_checkpoints(artifacts, settings.model)
     if not found and not settings.allow_empty:
         raise StartupError(f"no checkpoints under {artifacts} (expected xcross/<Domain>/ or lora/<Domain>/); train "
                            "them with the training CLI, point XCROSS_ARTIFACTS at them, or set XCROSS_ALLOW_EMPTY=1")
-    preflight(found, settings.backbone)
+    preflight({f"{d}:{k}": p for d, kinds in find_all_checkpoints(artifacts).items() for k, p in kinds.items()},
+              settings.backbone)
     torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     backbone = load_backbone(settings.backbone)
     limit = getattr(backbone.config, "max_position_embeddings", None)
     if limit is not None and settings.max_len > limit:
         raise StartupError(f"XCROSS_MAX_LEN={settings.max_len} exceeds the backbone's {limit} positions")
     backbone.model.to(device)
-    models = load_models(artifacts, backbone, device, streamwise=device == "cpu" and backend.startswith("torch"))
-    catalogs = Catalogs.load(models, settings.data_dir)
+    models = load_models(artifacts, backbone, device, streamwise=device == "cpu" and backend.startswith("torch"),
+                         prefer=settings.model)
+    catalogs = Catalogs.load(sorted({m.domain for m in models.values()}), settings.data_dir)
     cache = TokenCache(locked_encoder(backbone.tokenizer), backbone.tokenizer_fingerprint, settings.redis_url,
                        lru_size=settings.cache_lru_size, ttl_s=settings.cache_ttl_s,
                        timeout_s=settings.cache_timeout_s, retry_s=settings.cache_retry_s)
     runtime = build_runtime(backend, models, settings, backbone, device)
     log.info("serving %s on %s, backend %s (%s; %s), %d threads, malloc tuning %s, Redis %s",
-             ", ".join(m.name for m in models.values()) or "nothing", device, backend, BACKEND_PRECISION[backend],
-             why, torch.get_num_threads(), "on" if malloc else "off", "on" if settings.redis_url else "off")
+             ", ".join(f"{k}={m.name}" for k, m in models.items()) or "nothing", device, backend,
+             BACKEND_PRECISION[backend], why, torch.get_num_threads(), "on" if malloc else "off",
+             "on" if settings.redis_url else "off")
     return Engine(backbone, models, catalogs, cache, runtime=runtime, max_len=settings.max_len,
                   max_history=settings.max_history, batch_prompts=settings.batch_prompts)
 

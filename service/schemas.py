@@ -105,6 +105,10 @@ class RecommendRequest(BaseModel):
     history: list[Item] = Field(default_factory=list, description="items the user interacted with, oldest first")
     candidates: list[Item] = Field(min_length=1, description="items to rank")
     top_k: StrictInt = Field(10, ge=1, description="how many ranked items to return (at most the candidates)")
+    model: StrictStr | None = Field(None, min_length=1, max_length=32,
+                                    description="checkpoint kind to rank with, one of those served for the domain "
+                                                "(xcross, weaverec, gca, lora; see /readyz); default: the "
+                                                "service's (XCROSS_MODEL)")
 
 
 class RankedItem(BaseModel):

@@ -31,10 +31,15 @@ class Settings(BaseSettings):
                                       validate_default=True)
 
     # --- models and data --------------------------------------------------------------------------------
-    artifacts: Path = Field(REPO_ROOT / "artifacts", description="checkpoint root: lora/<Domain>/, xcross/<Domain>/")
+    artifacts: Path = Field(REPO_ROOT / "artifacts", description="checkpoint root: lora/<Domain>/, xcross/<Domain>/, "
+                                                                       "weaverec/<Domain>/, gca/<Domain>/")
     data_dir: Path | None = Field(None, description="amazon-xcross data root for the catalogs "
                                                     "(default: ../shared/data/amazon-xcross beside the repository)")
     backbone: str = Field("minilm", description="backbone name for model.backbone.load_backbone")
+    model: Literal["auto", "xcross", "weaverec", "gca", "lora"] = Field(
+        "auto", description="checkpoint kind serving a request without a `model` field, where the domain has it "
+                            "(auto, or a domain without it: the first of xcross, weaverec, gca, lora it has); "
+                            "every checkpoint found is served and selectable per request")
     allow_empty: bool = Field(False, description="start even when no checkpoint is found (/readyz stays 503)")
     # --- compute ----------------------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when a GPU is present, else cpu")

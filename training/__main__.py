@@ -14,6 +14,7 @@
         --users ../shared/data/amazon-xcross/Tools/dev.jsonl --json   # any dev.jsonl-format file
     python -m training compare results/a.json results/b.json     # paired two-sided t-test per metric
     python -m training report                                     # docs/results.md + docs/training_curves.png
+    python -m training variants --help                            # WeaveRec and GCA variants (docs/variants.md)
     python -m training all --preset cpu --jobs 2                  # everything above, resumable, 2 workers
 
 Long commands show progress, checkpoint every few steps, and continue after a kill with `--resume`.
@@ -34,6 +35,7 @@ from training.data import DOMAINS, check_domain
 from training.pipeline import Context, Paths
 from training.presets import get_preset
 from training.schedule import STAGES
+from training.variants import app as variants_app
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -49,6 +51,8 @@ RunsOpt = Annotated[Path | None, typer.Option(help="training state root (default
 DataOpt = Annotated[Path | None, typer.Option(help="amazon-xcross data root (default: ../shared/data/amazon-xcross)")]
 
 
+app.add_typer(variants_app, name="variants", help="WeaveRec merging and gated cross-attention beside X-Cross "
+                                                   "(docs/variants.md)")
 
 MaxStepsOpt = Annotated[int | None, typer.Option(help="stop after N optimizer steps (resume later with --resume)")]
 
@@ -214,7 +218,8 @@ def evaluate_cmd(model: Annotated[Path, typer.Option(help="checkpoint directory"
         save_result(save, res)
     _print_metrics(f"{model} on {users}", res["metrics"])
     if as_json:
-        typer.echo(json.dumps(res["metrics"]))
+        extra = {"orthogonality": res["orthogonality"]} if "orthogonality" in res else {}  # GCA models
+        typer.echo(json.dumps({**res["metrics"], **extra}))
 
 
 @app.command("report")

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.gca import gca_modules, orthogonality, track
 from model.prompts import PromptBuilder, encode_pieces
 from training.data import Catalog, User
 
@@ -60,16 +61,27 @@ def autocast(enabled: bool, device: str = "cpu"):
 @torch.inference_mode()
 def evaluate_users(scorer: Scorer, source: PromptSource, users: Sequence[User], bf16: bool = False,
                    progress: bool = True, desc: str = "eval") -> dict:
-    """Score each user's 30 candidates in one forward; return metrics and per-user ranks."""
+    """Score each user's 30 candidates in one forward; return metrics and per-user ranks, and for models with
+    gated cross-attention the orthogonality diagnostic per layer (mean_t |cos(X_t, A_t)|, model/gca.py)."""
+    gca = isinstance(scorer, torch.nn.Module) and bool(gca_modules(scorer))
+    if gca:
+        track(scorer)
     per_user = []
-    for u in tqdm(users, desc=desc, disable=not progress, leave=False):
-        if u.candidates is None:
-            raise ValueError(f"user {u.user} has no candidates; evaluation needs dev.jsonl-style users")
-        ids, mask = source.batch(u, u.candidates)
-        with autocast(bf16):
-            scores = scorer(ids, mask).float().numpy()
-        per_user.append({"user": u.user, "rank": rank_of_target(scores, u.candidates.index(u.target))})
-    return {"metrics": metrics_from_ranks([p["rank"] for p in per_user]), "per_user": per_user}
+    try:
+        for u in tqdm(users, desc=desc, disable=not progress, leave=False):
+            if u.candidates is None:
+                raise ValueError(f"user {u.user} has no candidates; evaluation needs dev.jsonl-style users")
+            ids, mask = source.batch(u, u.candidates)
+            with autocast(bf16):
+                scores = scorer(ids, mask).float().numpy()
+            per_user.append({"user": u.user, "rank": rank_of_target(scores, u.candidates.index(u.target))})
+        out = {"metrics": metrics_from_ranks([p["rank"] for p in per_user]), "per_user": per_user}
+        if gca:
+            out["orthogonality"] = {layer: round(v, 5) for layer, v in orthogonality(scorer).items()}
+        return out
+    finally:
+        if gca:
+            track(scorer, on=False)
 
 
 def per_user_vectors(result: dict) -> dict[str, dict[str, float]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,9 @@ from model.xcross import listwise_loss
 from training.data import PopularitySampler, User
 from training.evaluate import PromptSource, autocast, evaluate_users
 from training.presets import TrainConfig
+
+# train-count per item of the users' domain: one array, or per user (mixed-domain data, training/variants.py)
+Popularity = np.ndarray | Callable[[User], np.ndarray]
 
 
 @dataclass
@@ -104,10 +108,11 @@ def schedule(users: list[User], cfg: TrainConfig, seed: int) -> list[tuple[int, 
     return list(enumerate(order[:n_total]))
 
 
-def user_loss(model: nn.Module, source: PromptSource, popularity: np.ndarray, user: User, position: int,
+def user_loss(model: nn.Module, source: PromptSource, popularity: Popularity, user: User, position: int,
               k: int, seed: int, bf16: bool) -> torch.Tensor:
     torch.manual_seed(int(np.random.SeedSequence([seed, position]).generate_state(1)[0]))  # dropout masks
-    sampler = PopularitySampler(popularity, seed=[seed, position])
+    pop = popularity(user) if callable(popularity) else popularity  # mixed-domain data: the user's own domain
+    sampler = PopularitySampler(pop, seed=[seed, position])
     candidates = [user.target, *sampler.sample(set(user.items), k - 1)]  # positive first
     ids, mask = source.batch(user, candidates)
     with autocast(bf16):
@@ -115,7 +120,7 @@ def user_loss(model: nn.Module, source: PromptSource, popularity: np.ndarray, us
     return listwise_loss(scores, group=k)  # (eq. 1)
 
 
-def train(model: nn.Module, source: PromptSource, users: list[User], popularity: np.ndarray, cfg: TrainConfig,
+def train(model: nn.Module, source: PromptSource, users: list[User], popularity: Popularity, cfg: TrainConfig,
           run_dir: Path, eval_users: list[User], seed: int = 0, resume: bool = False, progress: bool = True,
           head_prefix: str = "head.", log=print, max_steps: int | None = None) -> RunState:
     """Train the model's trainable parameters; the best (by validation MRR@10) weights end in best.safetensors.
@@ -181,11 +186,13 @@ def train(model: nn.Module, source: PromptSource, users: list[User], popularity:
 
 def _evaluate(model, source, eval_users, cfg, state: RunState, run_dir: Path, t0: float, progress, log) -> bool:
     model.eval()
-    m = evaluate_users(model, source, eval_users, bf16=cfg.bf16, progress=progress, desc="val")["metrics"]
+    res = evaluate_users(model, source, eval_users, bf16=cfg.bf16, progress=progress, desc="val")
+    m, orth = res["metrics"], res.get("orthogonality")  # GCA models: mean |cos(X, A)| per layer
     point = {"step": state.step, "users_seen": state.step * cfg.users_per_step, "wall_s": round(time.time() - t0, 1),
-             **{k: round(v, 2) for k, v in m.items() if k != "n_users"}}
+             **{k: round(v, 2) for k, v in m.items() if k != "n_users"}, **({"orthogonality": orth} if orth else {})}
     state.curve.append(point)
-    log(f"step {state.step}: val hit@1 {m['hit@1']:.2f} mrr@10 {m['mrr@10']:.2f}")
+    log(f"step {state.step}: val hit@1 {m['hit@1']:.2f} mrr@10 {m['mrr@10']:.2f}"
+        + (f" |cos(X, A)| {orth}" if orth else ""))
     if m["mrr@10"] > state.best:
         state.best, state.best_step, state.evals_since_best = m["mrr@10"], state.step, 0
         _save_atomic(trainable(model), run_dir / "best.safetensors")
