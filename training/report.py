@@ -82,6 +82,123 @@ def results_table(results: Path, preset: str) -> str:
     return "\n".join(lines)
 
 
+def zero_shot_table(zs: dict) -> str:
+    """The 4x4 transfer matrix: rows = whose LoRA, columns = evaluated on (dev Hit@1); the column's best in bold."""
+    doms = [d for d in DOMAINS if d in zs["dev"]]
+    lines = ["| LoRA of \\ on | " + " | ".join(doms) + " |", "|---|" + "---|" * len(doms)]
+    best = {t: max(doms, key=lambda s: zs["dev"][s][t]["hit@1"]) for t in doms}
+    for s in doms:
+        cells = [f"**{zs['dev'][s][t]['hit@1']:.2f}**" if best[t] == s else f"{zs['dev'][s][t]['hit@1']:.2f}"
+                 for t in doms]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _best_source(zs: dict, target: str) -> str:
+    """The best zero-shot source on the target's validation users (the reference X-Cross must beat)."""
+    return max((s for s in zs["val"] if s != target), key=lambda s: (zs["val"][s][target]["hit@1"],
+                                                                        zs["val"][s][target]["mrr@10"]))
+
+
+def findings(results: Path, preset: str) -> list[str]:
+    """The issue's checks, computed from the files (each says 'not run' while its inputs are missing)."""
+    out = []
+    zs = _load(results / "zero_shot.json")
+    if zs:
+        doms = [d for d in DOMAINS if d in zs["dev"]]
+        diag = [t for t in doms if all(zs["dev"][t][t]["hit@1"] > zs["dev"][s][t]["hit@1"] for s in doms if s != t)]
+        out.append(f"- Zero-shot matrix diagonal-dominant (own LoRA best on its domain) on {len(diag)} of "
+                   f"{len(doms)} domains" + (f" ({', '.join(diag)})" if diag else "") + ".")
+    else:
+        out.append("- Zero-shot matrix: not run.")
+    wins = {"pooler-scorer": 0, "mean": 0}
+    for t in DOMAINS:
+        xc = _load(results / f"xcross-{t}-{preset}.json")
+        if xc is None:
+            out.append(f"- {t}: X-Cross not run.")
+            continue
+        parts = []
+        if zs:
+            src = _best_source(zs, t)
+            ref = _load(results / "zero_shot" / f"{src}-on-{t}.json")
+            if ref:
+                r = paired_ttest(xc, ref)
+                parts.append(f"vs best zero-shot source ({src}) Hit@1 {r['a']:.2f} vs {r['b']:.2f}, "
+                             f"p = {r['p_value']:.3g} (n = {r['n_users']})")
+        for name, label in (("pooler-scorer", "Pooler+Scorer"), ("mean", "mean of LoRAs"),
+                            ("minus-layers", "-Layers"), ("minus-interactions", "-Interactions"),
+                            ("minus-experts", "-Experts")):
+            other = _load(results / f"{name}-{t}-{preset}.json")
+            if other is None:
+                continue
+            r = paired_ttest(xc, other)
+            if name in wins and r["diff"] > 0:
+                wins[name] += 1
+            parts.append(f"vs {label} {r['diff']:+.2f}, p = {r['p_value']:.3g}")
+        out.append(f"- {t}: X-Cross " + ("; ".join(parts) if parts else "(no comparison run yet)") + ".")
+    out.append(f"- X-Cross above Pooler+Scorer on {wins['pooler-scorer']} targets and above the mean of LoRAs on "
+               f"{wins['mean']} (Hit@1; of the targets where both ran).")
+    return out
+
+
+def low_data_table(result: dict) -> str:
+    """Mean (min-max over seeds) dev Hit@1 per train size, and the smallest size beating the zero-shot reference."""
+    import numpy as np
+
+    ref = result["reference_hit@1"]
+    sizes = sorted({r["size"] for r in result["rows"]})
+    lines = ["| train users | X-Cross | target LoRA |", "|---|---|---|"]
+    first = {}
+    for size in sizes:
+        cells = []
+        for kind in ("xcross", "lora"):
+            v = [r["hit@1"] for r in result["rows"] if r["model"] == kind and r["size"] == size]
+            if not v:
+                cells.append("not run")
+                continue
+            cells.append(f"{np.mean(v):.2f} ({min(v):.2f}-{max(v):.2f})" if len(v) > 1 else f"{v[0]:.2f}")
+            if np.mean(v) > ref and kind not in first:
+                first[kind] = size
+        lines.append(f"| {size} | " + " | ".join(cells) + " |")
+    lines += ["", f"Reference: {result['reference']} LoRA zero-shot, Hit@1 {ref:.2f}. Smallest size above it: "
+              f"X-Cross {first.get('xcross', 'none')}, target LoRA {first.get('lora', 'none')}."]
+    return "\n".join(lines)
+
+
+def detail_table(results: Path, preset: str, target: str) -> str:
+    """All four metrics of every model run on one target, with the paired t-test p-value of Hit@1 vs X-Cross."""
+    xc = _load(results / f"xcross-{target}-{preset}.json")
+    lines = ["| model | Hit@1 | Hit@3 | Hit@10 | MRR@10 | users | p (Hit@1 vs X-Cross) | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, _, path_of in _rows(results, preset):
+        r = _load(path_of(target))
+        if r is None:
+            continue
+        m = r["metrics"]
+        own = path_of(target) == results / f"xcross-{target}-{preset}.json"
+        p = "" if xc is None or own else f"{paired_ttest(xc, r)['p_value']:.3g}"
+        lines.append(f"| {label} | " + " | ".join(f"{m[k]:.2f}" for k in METRICS) + f" | {m['n_users']} | {p} | "
+                     f"{r.get('wall_s', '')} |")
+    return "\n".join(lines)
+
+
+def _extra_sections(results: Path, preset: str) -> list[str]:
+    """Sections rendered by the variant and retrieval modules from their own result files, when they have any."""
+    parts = []
+    if list(results.glob("variants-*.json")):
+        from training.variants import markdown_section
+
+        parts += [markdown_section(results, preset), ""]
+    if (results / "recall").is_dir() and list((results / "recall").glob("*.json")):
+        try:
+            from training.recall import markdown_section as recall_section
+        except ImportError:  # the retrieval package is optional for this report
+            recall_section = None
+        if recall_section is not None:
+            parts += [recall_section(), ""]
+    return parts
+
+
 def provenance(results: Path) -> str:
     lines = ["| file | preset | commit | users | wall s |", "|---|---|---|---|---|"]
     for path in sorted(results.rglob("*.json")):
@@ -107,13 +224,25 @@ def write_report(results: Path, docs: Path, preset: str = "cpu") -> Path:
         results_table(results, preset),
         "",
     ]
+    parts += ["## Findings", "", *findings(results, preset), ""]
     if zs:
+        parts += ["## Zero-shot transfer matrix", "", f"Dev Hit@1 on the first {zs.get('users', '')} dev users; "
+                  "bold: the best LoRA on each domain.", "", zero_shot_table(zs), ""]
         parts += ["## Source choice", "", "Best two zero-shot sources on the target's validation users (not dev):", ""]
         parts += [f"- {t}: {' + '.join(s)}" for t, s in zs["sources"].items()] + [""]
     for d in DOMAINS:
-        png = results / f"low_data-{d}.png"
-        if png.exists():
-            parts += [f"## Low data: {d}", "", f"![low data {d}](../results/{png.name})", ""]
+        if _load(results / f"xcross-{d}-{preset}.json") or _load(results / f"lora-{d}-{preset}.json"):
+            parts += [f"## {d}: all metrics", "", detail_table(results, preset, d), ""]
+    for d in DOMAINS:
+        ld = _load(results / f"low_data-{d}.json")
+        if ld:
+            parts += [f"## Low data: {d}", "", low_data_table(ld), ""]
+            png = results / f"low_data-{d}.png"
+            if png.exists():
+                parts += [f"![low data {d}](../results/{png.name})", ""]
+    if (docs / "training_curves.png").exists():
+        parts += ["## Training curves", "", "![validation Hit@1 during training](training_curves.png)", ""]
+    parts += _extra_sections(results, preset)
     parts += ["## Provenance", "", provenance(results), ""]
     out = docs / "results.md"
     out.write_text("\n".join(parts))

@@ -167,4 +167,9 @@ def test_report_writes_tables_with_paper_numbers(pipeline, tmp_path):
     assert "| X-Cross |" in text and "20.11" in text  # the paper's Tools X-Cross Hit@1 beside ours
     xc = json.loads((root / "results" / "xcross-Tools-smoke.json").read_text())["metrics"]["hit@1"]
     assert f"{xc:.2f}" in text and "not run" in text  # ours, and rows that have no file yet
+    zs = json.loads((root / "results" / "zero_shot.json").read_text())
+    assert "## Zero-shot transfer matrix" in text and f"{zs['dev']['Sports']['Tools']['hit@1']:.2f}" in text
+    assert "diagonal-dominant" in text and "- Tools: X-Cross vs best zero-shot source" in text and "p = " in text
+    assert "## Tools: all metrics" in text and "| -Layers (last layer only) |" in text
+    assert "## Low data: Tools" in text and "Smallest size above it" in text
     assert plot_curves(root / "results", tmp_path / "c.png").stat().st_size > 1000
