@@ -31,6 +31,8 @@ from service.batching import Batcher, BatcherClosed, DeadlineExceeded, QueueFull
 from service.engine import Engine
 from service.loading import load_engine
 from service.metrics import CONTENT_TYPE, Metrics
+from service.recall import RecallMetrics, RecallModels, recall_data_root
+from service.recall import router as recall_router
 from service.schemas import (
     ErrorResponse,
     InputError,
@@ -311,6 +313,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if state.engine is None:
         state.engine, state.owns_engine = await run_in_threadpool(load_engine, s), True
     state.metrics.set_engine(state.engine)
+    if not app.state.recall.models:  # POST /recall: artifacts/recall/<dataset>/<variant>/, if any
+        app.state.recall = await run_in_threadpool(RecallModels.load_cached, s.artifacts / "recall",
+                                                   recall_data_root(s.data_dir))
+        app.state.recall_metrics.publish(app.state.recall)
     state.batcher = Batcher(state.engine.forward, max_prompts=s.batch_prompts, max_tokens=s.max_batch_tokens,
                             wait_ms=s.batch_wait_ms, queue_prompts=s.queue_prompts,
                             timeout_s=s.request_timeout_s, observer=state.metrics)
@@ -356,6 +362,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
                               "(Retry-After), 503 not ready, 504 deadline.")
     app.state.service = ServiceState(settings, Metrics(), engine)
     app.include_router(router)
+    app.include_router(recall_router)
+    app.state.recall, app.state.recall_metrics = RecallModels(), RecallMetrics(app.state.service.metrics.registry)
     _install_error_handlers(app)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.service.metrics,

@@ -14,6 +14,7 @@
         --users ../shared/data/amazon-xcross/Tools/dev.jsonl --json   # any dev.jsonl-format file
     python -m training compare results/a.json results/b.json     # paired two-sided t-test per metric
     python -m training report                                     # docs/results.md + docs/training_curves.png
+    python -m training recall --help                              # cross-domain retrieval (docs/recall.md)
     python -m training variants --help                            # WeaveRec and GCA variants (docs/variants.md)
     python -m training all --preset cpu --jobs 2                  # everything above, resumable, 2 workers
 
@@ -34,6 +35,7 @@ import typer
 from training.data import DOMAINS, check_domain
 from training.pipeline import Context, Paths
 from training.presets import get_preset
+from training.recall import app as recall_app
 from training.schedule import STAGES
 from training.variants import app as variants_app
 
@@ -53,6 +55,8 @@ DataOpt = Annotated[Path | None, typer.Option(help="amazon-xcross data root (def
 
 app.add_typer(variants_app, name="variants", help="WeaveRec merging and gated cross-attention beside X-Cross "
                                                    "(docs/variants.md)")
+app.add_typer(recall_app, name="recall", help="cross-domain retrieval (HSTU/TAPE/DDSR/GCA): train, evaluate, "
+                                               "bench-attention, report")
 
 MaxStepsOpt = Annotated[int | None, typer.Option(help="stop after N optimizer steps (resume later with --resume)")]
 
