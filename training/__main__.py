@@ -249,6 +249,8 @@ def all_cmd(preset: PresetOpt = "cpu",
             ablation_targets: Annotated[str, typer.Option(help="targets of the three ablations")]
             = ",".join(DOMAINS),
             low_data_targets: Annotated[str, typer.Option(help="targets of the low-data curves")] = "Tools,Toys",
+            variant_targets: Annotated[str, typer.Option(help="targets of the WeaveRec / GCA variants")]
+            = "Tools,Toys",
             dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and what is done")] = False,
             results: ResultsOpt = None) -> None:
     """The whole pipeline as a resumable job graph on N worker processes (logs in logs/<job>.log).
@@ -266,7 +268,7 @@ def all_cmd(preset: PresetOpt = "cpu",
         return tuple(_domain(d) for d in value.split(",") if d)
 
     graph = plan(preset, results or Paths().results, doms(targets), picked, doms(ablation_targets),
-                 doms(low_data_targets))
+                 doms(low_data_targets), variant_targets=doms(variant_targets))
     if dry_run:
         for j in graph:
             mark = "done" if j.done and j.finished() else "todo"

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from training.data import DOMAINS
 
-STAGES = ("floor", "lora", "zero-shot", "xcross", "baselines", "ablations", "low-data", "report")
+STAGES = ("floor", "lora", "zero-shot", "xcross", "baselines", "ablations", "low-data", "variants", "report")
+GCA_OPTIONS = [(act, ln) for act in ("sigmoid", "tanh") for ln in ("ln", "noln")]
 ABLATIONS = {  # paper Table 4, as train-xcross options
     "minus-layers": ["--top-k", "1"],
     "minus-interactions": ["--gamma", "0"],
@@ -43,7 +44,8 @@ class Job:
 
 def plan(preset: str, results: Path, targets: tuple[str, ...] = DOMAINS, stages: tuple[str, ...] = STAGES,
          ablation_targets: tuple[str, ...] = DOMAINS, low_data_targets: tuple[str, ...] = ("Tools", "Toys"),
-         extra: list[str] | None = None) -> list[Job]:
+         extra: list[str] | None = None, variant_targets: tuple[str, ...] = ("Tools", "Toys"),
+         hybrid_cap: int = 2000, joint_cap: int = 1500) -> list[Job]:
     """The job graph for a preset; `stages` selects what is run (dependencies outside it must already be done)."""
     extra = extra or []
     r = results
@@ -77,6 +79,23 @@ def plan(preset: str, results: Path, targets: tuple[str, ...] = DOMAINS, stages:
                 [r / f"{name}-{t}-{preset}.json"], ["zero-shot"])
     for t in low_data_targets:
         add("low-data", f"low-data-{t}", ["low-data", "--target", t], [r / f"low_data-{t}.json"], ["zero-shot"])
+    v = "variants-"  # issue 8 (training/variants.py); caps keep each hybrid / joint LoRA near 4,000-4,500 users
+    for t in variant_targets:
+        names = []
+        for name, args, done in (
+            ("weaverec", ["train-weaverec", "--cap", str(hybrid_cap), "--learn-lambda"],
+             [f"{v}weaverec-{t}-{preset}.json", f"{v}weaverec-learned-{t}-{preset}.json"]),
+            ("merge-sources", ["merge-sources"], [f"{v}merge-sources-{t}-{preset}.json"]),
+            ("joint", ["train-joint", "--cap", str(joint_cap)], [f"{v}joint-{t}-{preset}.json"]),
+            *((f"gca-{act}-{ln}", ["train-gca", "--act", act, f"--{ln.replace('noln', 'no-ln')}"],
+               [f"{v}gca-{act}-{ln}-{t}-{preset}.json"]) for act, ln in GCA_OPTIONS),
+        ):
+            resume = ["--resume"] if name not in ("merge-sources",) else []
+            add("variants", f"{name}-{t}", ["variants", args[0], "--target", t, *args[1:], *resume],
+                [r / d for d in done], ["zero-shot", f"xcross-{t}"])
+            names.append(f"{name}-{t}")
+        add("variants", f"variants-cost-{t}", ["variants", "cost", "--target", t], [r / f"{v}cost-{t}-{preset}.json"],
+            names)
     if "report" in stages:
         # always re-run last (no done file): the report reflects whatever finished
         jobs.append(Job("report", ["report", "--preset", preset], [], after_all=True))

@@ -44,6 +44,17 @@ def test_plan_covers_the_pipeline_in_priority_order(tmp_path):
     assert next(j for j in jobs if j.name == "lora-Tools").done == [tmp_path / "lora-Tools-cpu.json"]
 
 
+def test_plan_runs_the_variants_after_their_x_cross(tmp_path):
+    jobs = {j.name: j for j in plan("cpu", tmp_path, stages=("variants",), variant_targets=("Toys",))}
+    assert set(jobs) == {"weaverec-Toys", "merge-sources-Toys", "joint-Toys", "gca-sigmoid-ln-Toys",
+                         "gca-sigmoid-noln-Toys", "gca-tanh-ln-Toys", "gca-tanh-noln-Toys", "variants-cost-Toys"}
+    assert jobs["weaverec-Toys"].args[:4] == ["variants", "train-weaverec", "--target", "Toys"]
+    assert "--learn-lambda" in jobs["weaverec-Toys"].args and "xcross-Toys" in jobs["weaverec-Toys"].needs
+    assert "--no-ln" in jobs["gca-tanh-noln-Toys"].args and "--ln" in jobs["gca-sigmoid-ln-Toys"].args
+    assert jobs["gca-tanh-noln-Toys"].done == [tmp_path / "variants-gca-tanh-noln-Toys-cpu.json"]
+    assert set(jobs["variants-cost-Toys"].needs) == set(jobs) - {"variants-cost-Toys"}
+
+
 def test_plan_stages_and_targets_narrow_it(tmp_path):
     jobs = plan("cpu", tmp_path, targets=("Toys",), stages=("xcross", "ablations"), ablation_targets=("Toys",))
     assert [j.name for j in jobs] == ["xcross-Toys", "minus-layers-Toys", "minus-interactions-Toys",
