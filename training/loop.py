@@ -92,10 +92,15 @@ def load_state(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer) -> R
     return RunState(**json.loads((run_dir / "state.json").read_text()))
 
 
-def _lr_factor(step: int, total: int, warmup: int) -> float:
+def _lr_factor(step: int, total: int, warmup: int, cycle: int | None = None) -> float:
+    """Linear warm-up, then linear decay to 0 at `total`; with `cycle` (steps per epoch), the decay restarts at
+    every epoch (warm restarts, no second warm-up), so epoch 1 is the same as a one-epoch run's."""
     if step < warmup:
         return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
+    if cycle and step >= cycle:
+        return (cycle - step % cycle) / cycle
+    end = min(total, cycle) if cycle else total
+    return max(0.0, (end - step) / max(1, end - warmup))
 
 
 def schedule(users: list[User], cfg: TrainConfig, seed: int) -> list[tuple[int, User]]:
@@ -142,6 +147,7 @@ def train(model: nn.Module, source: PromptSource, users: list[User], popularity:
         log(f"resumed {run_dir} at step {state.step}")
     plan = schedule(users, cfg, seed)
     total = math.ceil(len(plan) / cfg.users_per_step)
+    cycle = math.ceil(len(users) / cfg.users_per_step) if cfg.lr_restarts else None
     bar = tqdm(total=total, initial=state.step, desc=run_dir.name, disable=not progress or rank != 0)
     t0 = time.time() - state.wall_s
     stop, end = False, total if max_steps is None else min(total, state.step + max_steps)
@@ -149,7 +155,7 @@ def train(model: nn.Module, source: PromptSource, users: list[User], popularity:
         model.train()
         step_users = plan[state.step * cfg.users_per_step : (state.step + 1) * cfg.users_per_step]
         for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * _lr_factor(state.step, total, cfg.warmup_steps)
+            g["lr"] = g["base_lr"] * _lr_factor(state.step, total, cfg.warmup_steps, cycle)
         loss_sum = 0.0
         for pos, user in step_users[rank::world]:
             loss = user_loss(model, source, popularity, user, pos, cfg.prompts_per_user, seed, cfg.bf16)

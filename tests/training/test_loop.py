@@ -112,3 +112,14 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     for k in one:
         tol = 4 * PRESETS["smoke"].lora.head_lr if k == "head.scorer.bias" else 1e-5
         torch.testing.assert_close(one[k], two[k], atol=tol, rtol=0, msg=k)
+
+
+def test_lr_restarts_keep_epoch_one_and_restart_the_decay_each_epoch():
+    from training.loop import _lr_factor
+
+    one_epoch = [_lr_factor(s, 100, 20) for s in range(100)]
+    two_epochs = [_lr_factor(s, 200, 20, cycle=100) for s in range(200)]
+    assert two_epochs[:100] == one_epoch  # a one-epoch run resumes into the second epoch unchanged
+    assert one_epoch[19] == 1.0 and one_epoch[99] < 0.02  # warm-up, then decay to ~0
+    assert two_epochs[100] == 1.0 and two_epochs[150] == 0.5 and two_epochs[199] < 0.02  # restart, no warm-up
+    assert [_lr_factor(s, 200, 20) for s in range(200)][100] < 0.6  # without restarts: one long decay
