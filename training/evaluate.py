@@ -7,6 +7,7 @@ gets rank 30 and Hit@1 = 0: a collapsed model looks collapsed).
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +22,45 @@ from training.data import Catalog, User
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
+DEVICE_ENV = "XCROSS_TRAIN_DEVICE"  # cpu (default) | cuda | cuda:N | auto
+STEP_BATCH_ENV = "XCROSS_TRAIN_STEP_BATCH"  # 1: all users of an optimizer step in one forward (default on CUDA)
+
+
+def train_device() -> torch.device:
+    """Where training and evaluation run: `$XCROSS_TRAIN_DEVICE` (cpu, cuda, cuda:N, auto = cuda if present)."""
+    name = os.environ.get(DEVICE_ENV, "cpu").strip().lower() or "cpu"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"{DEVICE_ENV}={name} but torch sees no CUDA device; unset it to train on the CPU")
+    return torch.device(name)
+
+
+def step_batched() -> bool:
+    """One forward per optimizer step (every user's prompts padded together) instead of one per user: the same
+    loss (the mean over users of eq. 1), far fewer kernel launches on a GPU; the CPU default stays per user."""
+    flag = os.environ.get(STEP_BATCH_ENV)
+    return train_device().type == "cuda" if flag is None else flag.strip() in ("1", "true", "yes")
+
+
+def device_info() -> dict:
+    """Recorded in every result file: where it ran."""
+    dev = train_device()
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    note = {"run_note": os.environ["XCROSS_RUN_NOTE"]} if os.environ.get("XCROSS_RUN_NOTE") else {}
+    return {"device": f"{dev.type}:{name}" if dev.type == "cuda" else "cpu", "step_batched": step_batched(), **note}
+
+
+def to_device(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
+    """Move a model and the frozen backbone it runs through (held by a `LayerRunner`, not a submodule)."""
+    device = device or train_device()
+    model.to(device)
+    for m in model.modules():
+        runner = getattr(m, "runner", None)
+        if isinstance(getattr(runner, "model", None), torch.nn.Module):
+            runner.model.to(device)
+    return model
+
 
 class PromptSource:
     """Title ids of one catalog (tokenized once) and the prompt builder."""
@@ -30,10 +70,22 @@ class PromptSource:
         self.title_ids = encode_pieces(tokenizer, catalog.titles)
         self.builder = PromptBuilder(tokenizer, max_len=max_len)
 
-    def batch(self, user: User, candidates: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompts(self, user: User, candidates: Sequence[int]) -> list:
         history = [self.title_ids[i] for i in user.history]
-        prompts = self.builder.build_many(history, [self.title_ids[c] for c in candidates])
-        return self.builder.collate(prompts)
+        return self.builder.build_many(history, [self.title_ids[c] for c in candidates])
+
+    def batch(self, user: User, candidates: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One user's prompts, padded to the longest, on the training device."""
+        return self._collate(self.prompts(user, candidates))
+
+    def batch_many(self, pairs: Sequence[tuple[User, Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Several users' prompts in one batch (user-major, each user's candidates in order)."""
+        return self._collate([p for user, cands in pairs for p in self.prompts(user, cands)])
+
+    def _collate(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.builder.collate(prompts)
+        device = train_device()
+        return (ids, mask) if device.type == "cpu" else (ids.to(device), mask.to(device))
 
 
 def rank_of_target(scores: np.ndarray, target_pos: int) -> int:
@@ -54,8 +106,8 @@ def metrics_from_ranks(ranks: Sequence[int]) -> dict[str, float]:
     }
 
 
-def autocast(enabled: bool, device: str = "cpu"):
-    return torch.autocast(device, dtype=torch.bfloat16) if enabled else nullcontext()
+def autocast(enabled: bool, device: str | None = None):
+    return torch.autocast(device or train_device().type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 @torch.inference_mode()
@@ -64,6 +116,8 @@ def evaluate_users(scorer: Scorer, source: PromptSource, users: Sequence[User], 
     """Score each user's 30 candidates in one forward; return metrics and per-user ranks, and for models with
     gated cross-attention the orthogonality diagnostic per layer (mean_t |cos(X_t, A_t)|, model/gca.py)."""
     gca = isinstance(scorer, torch.nn.Module) and bool(gca_modules(scorer))
+    if isinstance(scorer, torch.nn.Module):
+        to_device(scorer)
     if gca:
         track(scorer)
     per_user = []
@@ -73,7 +127,7 @@ def evaluate_users(scorer: Scorer, source: PromptSource, users: Sequence[User], 
                 raise ValueError(f"user {u.user} has no candidates; evaluation needs dev.jsonl-style users")
             ids, mask = source.batch(u, u.candidates)
             with autocast(bf16):
-                scores = scorer(ids, mask).float().numpy()
+                scores = scorer(ids, mask).float().cpu().numpy()
             per_user.append({"user": u.user, "rank": rank_of_target(scores, u.candidates.index(u.target))})
         out = {"metrics": metrics_from_ranks([p["rank"] for p in per_user]), "per_user": per_user}
         if gca:

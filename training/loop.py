@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from model.xcross import listwise_loss
 from training.data import PopularitySampler, User
-from training.evaluate import PromptSource, autocast, evaluate_users
+from training.evaluate import PromptSource, autocast, evaluate_users, step_batched, to_device
 from training.presets import TrainConfig
 
 # train-count per item of the users' domain: one array, or per user (mixed-domain data, training/variants.py)
@@ -87,8 +87,9 @@ def load_state(run_dir: Path, model: nn.Module, opt: torch.optim.Optimizer) -> R
             p.copy_(tensors[f"param.{k}"])
     for k, p in params.items():
         st = {key.rsplit(".", 1)[1]: v for key, v in tensors.items() if key.startswith(f"opt.{k}.")}
-        if st:
-            opt.state[p] = {"step": st["step"], "exp_avg": st["exp_avg"], "exp_avg_sq": st["exp_avg_sq"]}
+        if st:  # moments on the parameter's device; the step count stays a CPU scalar (AdamW's default)
+            opt.state[p] = {"step": st["step"], "exp_avg": st["exp_avg"].to(p.device),
+                            "exp_avg_sq": st["exp_avg_sq"].to(p.device)}
     return RunState(**json.loads((run_dir / "state.json").read_text()))
 
 
@@ -113,16 +114,35 @@ def schedule(users: list[User], cfg: TrainConfig, seed: int) -> list[tuple[int, 
     return list(enumerate(order[:n_total]))
 
 
-def user_loss(model: nn.Module, source: PromptSource, popularity: Popularity, user: User, position: int,
-              k: int, seed: int, bf16: bool) -> torch.Tensor:
-    torch.manual_seed(int(np.random.SeedSequence([seed, position]).generate_state(1)[0]))  # dropout masks
+def training_candidates(popularity: Popularity, user: User, position: int, k: int, seed: int) -> list[int]:
+    """The positive first, then k-1 popularity negatives seeded by (seed, global position)."""
     pop = popularity(user) if callable(popularity) else popularity  # mixed-domain data: the user's own domain
     sampler = PopularitySampler(pop, seed=[seed, position])
-    candidates = [user.target, *sampler.sample(set(user.items), k - 1)]  # positive first
-    ids, mask = source.batch(user, candidates)
+    return [user.target, *sampler.sample(set(user.items), k - 1)]
+
+
+def _seed_dropout(seed: int, position: int) -> None:
+    torch.manual_seed(int(np.random.SeedSequence([seed, position]).generate_state(1)[0]))
+
+
+def user_loss(model: nn.Module, source: PromptSource, popularity: Popularity, user: User, position: int,
+              k: int, seed: int, bf16: bool) -> torch.Tensor:
+    _seed_dropout(seed, position)  # dropout masks
+    ids, mask = source.batch(user, training_candidates(popularity, user, position, k, seed))
     with autocast(bf16):
         scores = model(ids, mask)
     return listwise_loss(scores, group=k)  # (eq. 1)
+
+
+def step_loss(model: nn.Module, source: PromptSource, popularity: Popularity, step_users: list[tuple[int, User]],
+              k: int, seed: int, bf16: bool) -> torch.Tensor:
+    """The mean of eq. 1 over a step's users in one forward (the same examples as `user_loss` user by user;
+    dropout masks seeded once per step)."""
+    _seed_dropout(seed, step_users[0][0])
+    ids, mask = source.batch_many([(u, training_candidates(popularity, u, pos, k, seed)) for pos, u in step_users])
+    with autocast(bf16):
+        scores = model(ids, mask)
+    return listwise_loss(scores, group=k)  # (eq. 1), mean over users
 
 
 def train(model: nn.Module, source: PromptSource, users: list[User], popularity: Popularity, cfg: TrainConfig,
@@ -134,6 +154,8 @@ def train(model: nn.Module, source: PromptSource, users: list[User], popularity:
     """
     rank, world = dist_world()
     run_dir.mkdir(parents=True, exist_ok=True)
+    to_device(model)
+    batched = step_batched()
     params = trainable(model)
     groups = [
         {"params": [p for k, p in params.items() if not k.startswith(head_prefix)], "lr": cfg.lr, "base_lr": cfg.lr},
@@ -156,8 +178,12 @@ def train(model: nn.Module, source: PromptSource, users: list[User], popularity:
         step_users = plan[state.step * cfg.users_per_step : (state.step + 1) * cfg.users_per_step]
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * _lr_factor(state.step, total, cfg.warmup_steps, cycle)
-        loss_sum = 0.0
-        for pos, user in step_users[rank::world]:
+        loss_sum, mine = 0.0, step_users[rank::world]
+        if batched and mine:  # one forward for the step: (mean loss) * (my share of the users)
+            loss = step_loss(model, source, popularity, mine, cfg.prompts_per_user, seed, cfg.bf16)
+            (loss * len(mine) / len(step_users)).backward()
+            loss_sum = loss.item() * len(mine)
+        for pos, user in ([] if batched else mine):
             loss = user_loss(model, source, popularity, user, pos, cfg.prompts_per_user, seed, cfg.bf16)
             (loss / len(step_users)).backward()
             loss_sum += loss.item()
@@ -174,7 +200,7 @@ def train(model: nn.Module, source: PromptSource, users: list[User], popularity:
         if rank == 0 and eval_users and (state.step % cfg.eval_every == 0 or state.step == total):
             stop = _evaluate(model, source, eval_users, cfg, state, run_dir, t0, progress, log)
         if world > 1:
-            flag = torch.tensor([int(stop)])
+            flag = torch.tensor([int(stop)], device=next(iter(params.values())).device)
             dist.broadcast(flag, 0)
             stop = bool(flag.item())
         if rank == 0 and (state.step % cfg.save_every == 0 or state.step in (total, end) or stop):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,7 +27,8 @@ from model.lora import LoraConfig, LoraWeights
 from model.source import SourceLoraModel
 from model.xcross import Head, XCross, XCrossConfig
 from training.data import DOMAINS, Domain, load_domain, read_users, split_train_val
-from training.evaluate import PromptSource, embedding_floor, evaluate_users, load_result, save_result
+from training.evaluate import (PromptSource, device_info, embedding_floor, evaluate_users, load_result,
+                               save_result)
 from training.loop import dist_world, load_best, train
 from training.presets import DEVIATIONS, Preset, TrainConfig
 
@@ -95,10 +97,13 @@ class Context:
         p = self.preset
         return {"preset": p.name, "base_preset": p.base or p.name, "overrides": list(p.overrides),
                 "backbone": self.backbone_name, "commit": git_commit(), "seed": self.seed,
-                "deviations": DEVIATIONS.get(p.base or p.name, []), **extra}
+                "deviations": DEVIATIONS.get(p.base or p.name, []), **device_info(), **extra}
 
 
 def git_commit() -> str:
+    """The short commit (+ "-dirty"); `$XCROSS_COMMIT` where the tree travels without .git (a lent GPU)."""
+    if os.environ.get("XCROSS_COMMIT"):
+        return os.environ["XCROSS_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.strip()

@@ -44,7 +44,8 @@ from model.source import SourceLoraModel
 from model.weaverec import LambdaMerge, merge_heads
 from model.xcross import listwise_loss
 from training.data import DOMAINS, User, check_domain
-from training.evaluate import PromptSource, autocast, evaluate_users, load_result, paired_ttest, save_result
+from training.evaluate import (PromptSource, autocast, evaluate_users, load_result, paired_ttest, save_result,
+                               to_device)
 from training.loop import dist_world, load_best, train
 from training.pipeline import Context, Paths, _lora_cfg_dict, _manifest_extra, chosen_sources, score_checkpoint
 from training.presets import TrainConfig, get_preset
@@ -139,6 +140,7 @@ def tune_lambda(model: LambdaMerge, source: PromptSource, users: list[User], cfg
                 lr: float = 0.05, seed: int = 0, progress: bool = False) -> list[dict]:
     """Fit the merge logits l (lambda = softmax(l / T)) with the listwise loss on users with fixed candidates
     (the target's validation users); everything else stays frozen. Returns lambda and the loss per epoch."""
+    to_device(model)
     opt = torch.optim.AdamW([model.logits], lr=lr, weight_decay=0.0)
     model.train()
     curve = [{"epoch": 0, "lambda": [round(float(v), 5) for v in model.weights().detach()]}]
@@ -151,7 +153,7 @@ def tune_lambda(model: LambdaMerge, source: PromptSource, users: list[User], cfg
                 ids, mask = source.batch(u, u.candidates)
                 with autocast(cfg.bf16):
                     scores = model(ids, mask)
-                target = torch.tensor([u.candidates.index(u.target)])
+                target = torch.tensor([u.candidates.index(u.target)], device=scores.device)
                 loss = listwise_loss(scores, group=len(u.candidates), target_index=target)
                 (loss / len(step)).backward()
                 total += loss.item()
@@ -281,12 +283,12 @@ def inference_cost(ctx: Context, target: str, models: dict[str, Path], n_users: 
         model, _ = load_model(path, bb, search=[ctx.paths.artifacts / "lora"])
         built[label] = optimize_for_inference(model, streamwise=True)
     source = ctx.source(target, bb.tokenizer, cfg.max_len)
-    batches = [source.batch(u, u.candidates) for u in ctx.dev(target, n_users)]
+    batches = [source.builder.collate(source.prompts(u, u.candidates)) for u in ctx.dev(target, n_users)]  # CPU
     times: dict[str, list[float]] = {k: [] for k in built}
     for _ in range(repeats):
         for label, model in built.items():
             t0 = time.perf_counter()
-            with autocast(cfg.bf16):
+            with autocast(cfg.bf16, "cpu"):
                 for ids, mask in batches:
                     model(ids, mask)
             times[label].append(time.perf_counter() - t0)

@@ -123,3 +123,35 @@ def test_lr_restarts_keep_epoch_one_and_restart_the_decay_each_epoch():
     assert one_epoch[19] == 1.0 and one_epoch[99] < 0.02  # warm-up, then decay to ~0
     assert two_epochs[100] == 1.0 and two_epochs[150] == 0.5 and two_epochs[199] < 0.02  # restart, no warm-up
     assert [_lr_factor(s, 200, 20) for s in range(200)][100] < 0.6  # without restarts: one long decay
+
+
+def test_step_batched_training_matches_user_by_user(tools, tmp_path, monkeypatch):
+    """The GPU path (a step's users in one forward, padded together) trains the same weights as the CPU path
+    (one forward per user), without dropout: same examples, same mean loss."""
+    dom, users, val = tools
+    source = PromptSource(tiny_backbone().tokenizer, dom.catalog, CFG.max_len)
+    weights = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("XCROSS_TRAIN_STEP_BATCH", flag)
+        torch.manual_seed(0)
+        model = SourceLoraModel(tiny_backbone("bert"), LoraConfig(dropout=0.0))
+        state = train(model, source, users, dom.popularity, CFG, tmp_path / flag, val, progress=False)
+        assert state.finished and state.step == 4
+        weights[flag] = trainable(model)
+    # the scorer's bias has a zero gradient in exact arithmetic (eq. 1 is shift-invariant), so AdamW's normalised
+    # step on its float-noise gradient is arbitrary: every other weight must match
+    for k in weights["0"]:
+        if k != "head.scorer.bias":
+            torch.testing.assert_close(weights["1"][k], weights["0"][k], atol=2e-5, rtol=1e-4, msg=k)
+    assert any(trainable(_model())[k].sub(weights["1"][k]).abs().max() > 1e-4 for k in weights["1"] if "lora_B" in k)
+
+
+def test_train_device_names_a_missing_gpu(monkeypatch):
+    from training.evaluate import train_device
+
+    monkeypatch.setenv("XCROSS_TRAIN_DEVICE", "auto")
+    assert train_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("XCROSS_TRAIN_DEVICE", "cuda")
+        with pytest.raises(RuntimeError, match="XCROSS_TRAIN_DEVICE"):
+            train_device()
