@@ -6,9 +6,9 @@
 #
 # Runs `python -m training all --preset <preset>` with XCROSS_TRAIN_DEVICE=cuda in a copy of the tree (/tmp/w, kept
 # while the machine stays warm, so a second call resumes), and snapshots what finished to $OUT every 20 s:
-#   gpu-results.tgz  results/, logs/, artifacts/{lora,xcross}, runs/*/state.json, small baseline/ablation models
-#   gpu-states.tgz   resumable states of the runs that did not finish (continue them here with --resume)
-# Unpack both in the repository root here. The GPU machine has torch, transformers and peft but no network.
+#   gpu.part00, gpu.part01, ...  one .tgz in 15 MB parts: results/, logs/, artifacts/{lora,xcross}, runs/ states and
+#   models (not the low-data ones). Here: cat gpu.part* | tar xz, in a scratch folder, then copy what you want.
+# JOBFILE=path runs its lines (`python -m training` arguments) in parallel instead of `all`. The GPU machine has torch, transformers and peft but no network.
 set -u
 BUDGET=${1:-560}          # seconds for the pipeline; snapshots and exit follow
 STAGES=${2:-lora,zero-shot,xcross,baselines,ablations,low-data,variants}
@@ -45,27 +45,32 @@ export XCROSS_RUN_NOTE="trained on a lent GPU (users of a step in one forward); 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 
-snapshot() {
-  (cd "$W" && tar czf "$OUT/gpu-results.tmp" results logs artifacts/lora artifacts/xcross \
-      $(ls runs/*/state.json 2>/dev/null) \
-      $(ls -d runs/{mean,pooler-scorer,minus-layers,minus-interactions,minus-experts}-*/model 2>/dev/null) \
-      && mv "$OUT/gpu-results.tmp" "$OUT/gpu-results.tgz"
-   states=$(python3 - <<'EOF'
-import json, pathlib
-for p in sorted(pathlib.Path("runs").glob("*/state.json")):
-    if not json.loads(p.read_text()).get("finished") and not p.parent.name.startswith("lowdata-"):
-        print(*(f for f in (p, p.parent / "state.safetensors", p.parent / "best.safetensors") if f.exists()))
-EOF
-)
-   [ -n "$states" ] && tar czf "$OUT/gpu-states.tmp" $states 2>/dev/null && mv "$OUT/gpu-states.tmp" "$OUT/gpu-states.tgz"
-   true)
+snapshot() {  # one archive split in 15 MB parts (the transfer takes files of at most 16 MiB, 8 files, 64 MiB)
+  (cd "$W" && rm -rf /tmp/snap && mkdir -p /tmp/snap \
+    && tar czf /tmp/snap/all.tgz results logs artifacts/lora artifacts/xcross $(ls runs/*/state.json 2>/dev/null) \
+         $(ls runs/*/state.safetensors runs/*/best.safetensors 2>/dev/null | grep -v lowdata) \
+         $(ls -d runs/*/model 2>/dev/null | grep -v lowdata) \
+    && split -b 15M -d /tmp/snap/all.tgz /tmp/snap/gpu.part && rm /tmp/snap/all.tgz \
+    && rm -f "$OUT"/gpu.part* && mv /tmp/snap/gpu.part* "$OUT"/) >/dev/null 2>&1
+  true
 }
 (while sleep 20; do snapshot; done) &
 SNAP=$!
 
 LEFT=$(( BUDGET - ($(date +%s) - T0) ))
 echo "pipeline: stages $STAGES, $JOBS workers, ${LEFT}s"
-timeout -s INT "$LEFT" python3 -m training all --preset "$PRESET" --jobs "$JOBS" --threads 2 --stages "$STAGES"
+if [ -n "${JOBFILE:-}" ]; then  # one `python -m training ...` per line, all at once, each logged to logs/
+  while read -r line; do
+    [ -z "$line" ] && continue
+    name=$(echo "$line" | tr -c 'A-Za-z0-9\n-' '_' | cut -c1-80)
+    OMP_NUM_THREADS=1 timeout -s INT "$LEFT" python3 -m training $line --preset "$PRESET" --quiet \
+      > "logs/job-$name.log" 2>&1 &
+  done < "$SRC/$JOBFILE"
+  wait
+  grep -l -i "error" logs/job-*.log 2>/dev/null | sed 's/^/failed: /'
+else
+  timeout -s INT "$LEFT" python3 -m training all --preset "$PRESET" --jobs "$JOBS" --threads 2 --stages "$STAGES"
+fi
 echo "pipeline exit $? after $(( $(date +%s) - T0 ))s"
 kill $SNAP 2>/dev/null
 pkill -INT -f "python3 -m training" 2>/dev/null

@@ -180,11 +180,18 @@ def train_xcross_cmd(target: Annotated[str, typer.Option(callback=_domain)], pre
 @app.command("low-data")
 def low_data_cmd(target: Annotated[str, typer.Option(callback=_domain)], preset: PresetOpt = "cpu",
                  quiet: QuietOpt = False, artifacts: ArtifactsOpt = None, results: ResultsOpt = None,
-                 runs: RunsOpt = None, data: DataOpt = None) -> None:
+                 runs: RunsOpt = None, data: DataOpt = None,
+                 sizes: Annotated[str | None, typer.Option(
+                     help="only these train sizes (comma-separated), e.g. to split the curve over workers; "
+                          "the table and plot are written by a run without --sizes")] = None) -> None:
     """X-Cross vs target LoRA on small train subsets (preset sizes x seeds); plot with the zero-shot reference."""
     from training.pipeline import low_data
 
-    out = low_data(_ctx(preset, quiet, 0, artifacts, results, runs, data), target)
+    picked = tuple(int(x) for x in sizes.split(",")) if sizes else None
+    out = low_data(_ctx(preset, quiet, 0, artifacts, results, runs, data), target, sizes=picked)
+    if picked:
+        typer.echo(f"trained sizes {picked}; run low-data --target {target} without --sizes for the table")
+        return
     for r in out["rows"]:
         typer.echo(f"{r['model']:>7} size {r['size']:>5} seed {r['seed']}: Hit@1 {r['hit@1']:.2f}")
     typer.echo(f"reference ({out['reference']} zero-shot): Hit@1 {out['reference_hit@1']:.2f}")

@@ -27,8 +27,7 @@ from model.lora import LoraConfig, LoraWeights
 from model.source import SourceLoraModel
 from model.xcross import Head, XCross, XCrossConfig
 from training.data import DOMAINS, Domain, load_domain, read_users, split_train_val
-from training.evaluate import (PromptSource, device_info, embedding_floor, evaluate_users, load_result,
-                               save_result)
+from training.evaluate import PromptSource, device_info, embedding_floor, evaluate_users, load_result, save_result
 from training.loop import dist_world, load_best, train
 from training.presets import DEVIATIONS, Preset, TrainConfig
 
@@ -257,10 +256,16 @@ def train_xcross(ctx: Context, target: str, sources: list[str] | None = None, to
     return {"finished": True, "dev": dev["metrics"], "wall_s": state.wall_s, "out": str(out)}
 
 
-def low_data(ctx: Context, target: str, models: tuple[str, ...] = ("xcross", "lora")) -> dict:
-    """Paper Table 3 / Figure 3: X-Cross and a target LoRA trained on small random user subsets, dev Hit@1."""
+def low_data(ctx: Context, target: str, models: tuple[str, ...] = ("xcross", "lora"),
+             sizes: tuple[int, ...] | None = None) -> dict:
+    """Paper Table 3 / Figure 3: X-Cross and a target LoRA trained on small random user subsets, dev Hit@1.
+
+    `sizes` (a subset of the preset's) trains only those runs and writes no table (workers splitting the curve)."""
+    unknown = set(sizes or ()) - set(ctx.preset.low_data_sizes)
+    if unknown:
+        raise ValueError(f"sizes {sorted(unknown)} are not in the preset's {ctx.preset.low_data_sizes}")
     rows = []
-    for size in ctx.preset.low_data_sizes:
+    for size in sizes or ctx.preset.low_data_sizes:
         for seed in ctx.preset.low_data_seeds:
             pool, _ = ctx.split(target, replace(ctx.preset.lora, train_users=None))
             idx = np.random.default_rng([seed, size, 11]).choice(len(pool), min(size, len(pool)), replace=False)
@@ -277,6 +282,8 @@ def low_data(ctx: Context, target: str, models: tuple[str, ...] = ("xcross", "lo
                     metrics = train_lora(ctx, target, train_users=subset, run_name=run, resume=True,
                                          out=ctx.paths.runs / run / "model")["dev"]
                 rows.append({"model": kind, "size": size, "seed": seed, **metrics})
+    if sizes:
+        return {"rows": rows}
     zs = json.loads((ctx.paths.results / "zero_shot.json").read_text())
     reference = max((s for s in zs["dev"] if s != target), key=lambda s: zs["val"][s][target]["hit@1"])
     result = {**ctx.meta(kind="low-data", target=target), "rows": rows, "reference": reference,

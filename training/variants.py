@@ -44,8 +44,7 @@ from model.source import SourceLoraModel
 from model.weaverec import LambdaMerge, merge_heads
 from model.xcross import listwise_loss
 from training.data import DOMAINS, User, check_domain
-from training.evaluate import (PromptSource, autocast, evaluate_users, load_result, paired_ttest, save_result,
-                               to_device)
+from training.evaluate import PromptSource, autocast, evaluate_users, load_result, paired_ttest, save_result, to_device
 from training.loop import dist_world, load_best, train
 from training.pipeline import Context, Paths, _lora_cfg_dict, _manifest_extra, chosen_sources, score_checkpoint
 from training.presets import TrainConfig, get_preset
@@ -71,8 +70,16 @@ class MixedSource:
     def __init__(self, sources: dict[str, PromptSource], default: str):
         self.sources, self.default = sources, default
 
+    def _of(self, user: User) -> PromptSource:
+        return self.sources[getattr(user, "domain", "") or self.default]
+
     def batch(self, user: User, candidates) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.sources[getattr(user, "domain", "") or self.default].batch(user, candidates)
+        return self._of(user).batch(user, candidates)
+
+    def batch_many(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's users from several domains in one batch (the training loop's GPU path)."""
+        first = self._of(pairs[0][0])
+        return first._collate([p for user, cands in pairs for p in self._of(user).prompts(user, cands)])
 
 
 def mixed_users(ctx: Context, target: str, others: list[str], cfg: TrainConfig, cap: int | None = None
