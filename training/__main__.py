@@ -183,18 +183,23 @@ def low_data_cmd(target: Annotated[str, typer.Option(callback=_domain)], preset:
                  runs: RunsOpt = None, data: DataOpt = None,
                  sizes: Annotated[str | None, typer.Option(
                      help="only these train sizes (comma-separated), e.g. to split the curve over workers; "
-                          "the table and plot are written by a run without --sizes")] = None) -> None:
+                          "the table and plot are written by a run without --sizes")] = None,
+                 available: Annotated[bool, typer.Option(
+                     "--available", help="train nothing: table and plot from the finished runs, the rest listed "
+                                         "as missing")] = False) -> None:
     """X-Cross vs target LoRA on small train subsets (preset sizes x seeds); plot with the zero-shot reference."""
     from training.pipeline import low_data
 
     picked = tuple(int(x) for x in sizes.split(",")) if sizes else None
-    out = low_data(_ctx(preset, quiet, 0, artifacts, results, runs, data), target, sizes=picked)
+    out = low_data(_ctx(preset, quiet, 0, artifacts, results, runs, data), target, sizes=picked, available=available)
     if picked:
         typer.echo(f"trained sizes {picked}; run low-data --target {target} without --sizes for the table")
         return
     for r in out["rows"]:
         typer.echo(f"{r['model']:>7} size {r['size']:>5} seed {r['seed']}: Hit@1 {r['hit@1']:.2f}")
     typer.echo(f"reference ({out['reference']} zero-shot): Hit@1 {out['reference_hit@1']:.2f}")
+    if out["missing"]:
+        typer.echo(f"not run ({len(out['missing'])}): {', '.join(out['missing'])}")
 
 
 @app.command("mean-lora")

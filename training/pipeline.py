@@ -257,14 +257,15 @@ def train_xcross(ctx: Context, target: str, sources: list[str] | None = None, to
 
 
 def low_data(ctx: Context, target: str, models: tuple[str, ...] = ("xcross", "lora"),
-             sizes: tuple[int, ...] | None = None) -> dict:
+             sizes: tuple[int, ...] | None = None, available: bool = False) -> dict:
     """Paper Table 3 / Figure 3: X-Cross and a target LoRA trained on small random user subsets, dev Hit@1.
 
-    `sizes` (a subset of the preset's) trains only those runs and writes no table (workers splitting the curve)."""
+    `sizes` (a subset of the preset's) trains only those runs and writes no table (workers splitting the curve).
+    `available` trains nothing: the table and plot from the finished runs, the others listed as `missing`."""
     unknown = set(sizes or ()) - set(ctx.preset.low_data_sizes)
     if unknown:
         raise ValueError(f"sizes {sorted(unknown)} are not in the preset's {ctx.preset.low_data_sizes}")
-    rows = []
+    rows, missing = [], []
     for size in sizes or ctx.preset.low_data_sizes:
         for seed in ctx.preset.low_data_seeds:
             pool, _ = ctx.split(target, replace(ctx.preset.lora, train_users=None))
@@ -276,6 +277,9 @@ def low_data(ctx: Context, target: str, models: tuple[str, ...] = ("xcross", "lo
                 done = ctx.paths.results / f"{run}.json"  # finished runs are not trained again; others resume
                 if done.exists():
                     metrics = load_result(done)["metrics"]
+                elif available:
+                    missing.append(run)
+                    continue
                 elif kind == "xcross":
                     metrics = train_xcross(ctx, target, name=name, train_users=subset, resume=True)["dev"]
                 else:
@@ -286,8 +290,10 @@ def low_data(ctx: Context, target: str, models: tuple[str, ...] = ("xcross", "lo
         return {"rows": rows}
     zs = json.loads((ctx.paths.results / "zero_shot.json").read_text())
     reference = max((s for s in zs["dev"] if s != target), key=lambda s: zs["val"][s][target]["hit@1"])
-    result = {**ctx.meta(kind="low-data", target=target), "rows": rows, "reference": reference,
-              "reference_hit@1": zs["dev"][reference][target]["hit@1"]}
+    result = {**ctx.meta(kind="low-data", target=target), "rows": rows, "missing": missing, "reference": reference,
+              "reference_hit@1": zs["dev"][reference][target]["hit@1"],
+              "devices": sorted({load_result(ctx.paths.results / f"lowdata-{r['model']}-{r['size']}-s{r['seed']}-"
+                                             f"{target}-{ctx.preset.name}.json").get("device", "cpu") for r in rows})}
     path = ctx.paths.results / f"low_data-{target}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     plot_low_data(result, ctx.paths.results / f"low_data-{target}.png")

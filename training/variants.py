@@ -46,7 +46,7 @@ from model.xcross import listwise_loss
 from training.data import DOMAINS, User, check_domain
 from training.evaluate import PromptSource, autocast, evaluate_users, load_result, paired_ttest, save_result, to_device
 from training.loop import dist_world, load_best, train
-from training.pipeline import Context, Paths, _lora_cfg_dict, _manifest_extra, chosen_sources, score_checkpoint
+from training.pipeline import REPO, Context, Paths, _lora_cfg_dict, _manifest_extra, chosen_sources, score_checkpoint
 from training.presets import TrainConfig, get_preset
 
 log = logging.getLogger("training")
@@ -343,6 +343,10 @@ def _params(res: dict) -> str:
     if res.get("trainable_params") is not None:
         return f"{res['trainable_params']:,}"
     model = Path(res.get("model", ""))
+    if not model.exists() and ("artifacts" in model.parts or "runs" in model.parts):  # trained in another tree
+        parts = model.parts
+        start = min(parts.index(d) for d in ("artifacts", "runs") if d in parts)
+        model = REPO.joinpath(*parts[start:])
     if (model / "tensors.safetensors").is_file():  # X-Cross / GCA: everything in the checkpoint was trained
         return f"{_lora_params(model):,}"
     return "?"

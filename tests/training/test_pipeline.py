@@ -149,7 +149,16 @@ def test_low_data_runs_and_plots(pipeline):
     from training.pipeline import low_data
 
     ctx, root, _, _, _ = pipeline
+    part = low_data(ctx, "Tools", sizes=(4,))  # a worker's share: trains size 4 only, writes no table
+    assert {(r["model"], r["size"]) for r in part["rows"]} == {("xcross", 4), ("lora", 4)}
+    assert not (root / "results" / "low_data-Tools.json").exists()
+    avail = low_data(ctx, "Tools", available=True)  # trains nothing, lists what is missing
+    assert {(r["model"], r["size"]) for r in avail["rows"]} == {("xcross", 4), ("lora", 4)}
+    assert sorted(avail["missing"]) == ["lowdata-lora-8-s0-Tools-smoke", "lowdata-xcross-8-s0-Tools-smoke"]
+    with pytest.raises(ValueError, match="not in the preset"):
+        low_data(ctx, "Tools", sizes=(5,))
     out = low_data(ctx, "Tools")
+    assert out["missing"] == []
     assert {(r["model"], r["size"]) for r in out["rows"]} == {("xcross", 4), ("xcross", 8), ("lora", 4), ("lora", 8)}
     assert out["reference"] in ("Sports", "Electronics")
     assert (root / "results" / "low_data-Tools.png").stat().st_size > 1000
