@@ -75,7 +75,11 @@ def run(args: argparse.Namespace, work: Path) -> int:
     artifacts = args.artifacts.resolve() if trained else random_artifacts(work / "artifacts", bb32)
     shared3 = random_artifacts(work / "shared3", bb32, top_k=3, lora_layers={3, 4, 5})
     requests = dev_requests(bb32, max(reps, 8))
-    setup = forward.Setup(bb32, bb16, bbn, artifacts, shared3, requests, threads, args.quick, work)
+    native_bf16 = any(machine["flags"][f] for f in ("amx_bf16", "avx512_bf16"))
+    if not native_bf16:
+        log("no avx512_bf16 / amx_bf16: bf16 is emulated here (~6x slower than fp32), so the bf16 comparisons and "
+            "the explorations are skipped (their keys are null)")
+    setup = forward.Setup(bb32, bb16, bbn, artifacts, shared3, requests, threads, args.quick, work, native_bf16)
     keys: dict[str, Any] = {}
     log("forward comparisons (interleaved)")
     fwd, details = forward.run_suite(setup, reps)
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
             server.stop()
         report["service"] = svc_details
         engine.close()
-    if not args.quick:
+    if not args.quick and native_bf16:
         from bench import explore
 
         log("explorations")

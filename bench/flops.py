@@ -59,11 +59,13 @@ def plain_flops(layers: nn.ModuleList, B: int, T: int, d: int) -> float:
     return sum(_layer_flops(layer, B * T, T, d) for layer in layers)
 
 
-def matmul_peaks(size: int = 3072, reps: int = 5) -> dict[str, float]:
-    """GFLOP/s of a (size x size) @ (size x size) torch.mm in fp32 and bf16, interleaved, median of `reps`."""
+def matmul_peaks(size: int = 3072, reps: int = 5, bf16: bool = True) -> dict[str, float | None]:
+    """GFLOP/s of a (size x size) @ (size x size) torch.mm in fp32 and bf16, interleaved, median of `reps`
+    (`bf16=False`: fp32 only, bf16 None)."""
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(size, size, generator=g), torch.randn(size, size, generator=g)
     a16, b16 = a.bfloat16(), b.bfloat16()
-    times = interleave({"fp32": lambda _: torch.mm(a, b), "bf16": lambda _: torch.mm(a16, b16)}, reps=reps)
+    fns = {"fp32": lambda _: torch.mm(a, b), **({"bf16": lambda _: torch.mm(a16, b16)} if bf16 else {})}
+    times = interleave(fns, reps=reps)
     flops = 2.0 * size**3
-    return {k: flops / median(v) / 1e9 for k, v in times.items()}
+    return {"bf16": None, **{k: flops / median(v) / 1e9 for k, v in times.items()}}

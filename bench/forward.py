@@ -48,6 +48,7 @@ class Setup:
     threads: int
     quick: bool
     work: Path  # scratch directory (ONNX files)
+    native_bf16: bool = True  # avx512_bf16 / amx_bf16 (or a GPU): without them bf16 is emulated, ~6x slower than fp32
 
 
 def _torch(model: Callable, bf16: bool = False) -> Callable[[Request], np.ndarray]:
@@ -76,7 +77,7 @@ def build_variants(s: Setup) -> tuple[dict[str, Callable[[Request], np.ndarray]]
     built = {"xcross": xcross, "single": load(s.artifacts, s.fp32, "lora"), "shared3": load(s.shared3, s.fp32),
              "grouped": load(s.artifacts, s.fp32, form="grouped"), "xcross_ref": load(s.artifacts, s.fp32, form="ref")}
     bf16 = {"xcross_bf16": load(s.artifacts, s.bf16, bf16_weights=True),
-            "single_bf16": load(s.artifacts, s.bf16, "lora", bf16_weights=True)}
+            "single_bf16": load(s.artifacts, s.bf16, "lora", bf16_weights=True)} if s.native_bf16 else {}
     naive = NaiveXCross(s.naive, source_loras(s.artifacts, s.naive), built["xcross_ref"])
     t0 = time.perf_counter()
     onnx = export_onnx(built["grouped"], s.work / "xcross.onnx")  # ORT runs the grouped form best
@@ -95,17 +96,18 @@ def build_variants(s: Setup) -> tuple[dict[str, Callable[[Request], np.ndarray]]
         "single": _torch(built["single"]),
         "shared3": _torch(built["shared3"]),
         "crossencoder": lambda r: ce.predict(r.pairs, batch_size=len(r.pairs), show_progress_bar=False),
-        "xcross_bf16": _torch(bf16["xcross_bf16"], bf16=True),
-        "single_bf16": _torch(bf16["single_bf16"], bf16=True),
+        **({"xcross_bf16": _torch(bf16["xcross_bf16"], bf16=True),
+            "single_bf16": _torch(bf16["single_bf16"], bf16=True)} if bf16 else {}),
         "ort_fp32": lambda r: run(ort32, r.input_ids, r.attention_mask),
         "ort_int8": lambda r: run(ort8, r.input_ids, r.attention_mask),
     }
     if not s.quick:
         variants["grouped"] = _torch(built["grouped"])
         variants["xcross_ref"] = _torch(built["xcross_ref"])
-        variants["xcross_autocast"] = _torch(xcross, bf16=True)
         variants["plain"] = _plain(s.fp32)
-        variants["plain_bf16"] = _plain(s.bf16, bf16=True)
+        if s.native_bf16:
+            variants["xcross_autocast"] = _torch(xcross, bf16=True)
+            variants["plain_bf16"] = _plain(s.bf16, bf16=True)
     info["models"] = {**built, **bf16}
     return variants, info
 
@@ -127,11 +129,13 @@ def run_suite(s: Setup, reps: int) -> tuple[dict[str, float], dict[str, Any]]:
     times = interleave({k: (lambda i, f=f: f(reqs[i % len(reqs)])) for k, f in variants.items()}, reps=reps,
                        outputs=outputs)
     used = [reqs[i % len(reqs)] for i in range(reps)]
-    peaks = F.matmul_peaks(reps=reps)
+    peaks = F.matmul_peaks(reps=reps, bf16=s.native_bf16)
     xcross, single = info["models"]["xcross"], info["models"]["single"]
     d = s.fp32.hidden_size
 
-    def efficiency(name: str, count: Callable[[Request], float], peak: float) -> float:
+    def efficiency(name: str, count: Callable[[Request], float], peak: float | None) -> float | None:
+        if name not in times or peak is None:  # bf16 not timed on a CPU without native bf16
+            return None
         return median([count(r) / t / 1e9 for r, t in zip(used, times[name], strict=True)]) / peak
 
     flops_x = lambda r: F.xcross_flops(xcross, r.attention_mask)  # noqa: E731
@@ -141,10 +145,10 @@ def run_suite(s: Setup, reps: int) -> tuple[dict[str, float], dict[str, Any]]:
                                           for a, b in zip(outputs["naive"], outputs["xcross"], strict=True)),
 
         "xcross_over_single": ratio(times, "xcross", "single"),
-        "xcross_over_single_bf16": ratio(times, "xcross_bf16", "single_bf16"),
+        "xcross_over_single_bf16": ratio(times, "xcross_bf16", "single_bf16") if s.native_bf16 else None,
         "xcross_over_single_shared3": ratio(times, "shared3", "single"),
         "single_vs_crossencoder": ratio(times, "crossencoder", "single"),
-        "bf16_speedup": ratio(times, "xcross", "xcross_bf16"),
+        "bf16_speedup": ratio(times, "xcross", "xcross_bf16") if s.native_bf16 else None,
         "ort_fp32_speedup": ratio(times, "xcross", "ort_fp32"),
         "ort_fp32_max_abs_diff": max(float(np.abs(a - b).max())
                                      for a, b in zip(outputs["ort_fp32"], outputs["xcross"], strict=True)),
@@ -163,11 +167,11 @@ def run_suite(s: Setup, reps: int) -> tuple[dict[str, float], dict[str, Any]]:
         keys["xcross_over_single_grouped"] = ratio(times, "grouped", "single")
         keys["ref_vs_naive"] = ratio(times, "naive", "xcross_ref")
         keys["served_vs_ref"] = ratio(times, "xcross_ref", "xcross")
-        keys["bf16_autocast_speedup"] = ratio(times, "xcross", "xcross_autocast")
+        keys["bf16_autocast_speedup"] = ratio(times, "xcross", "xcross_autocast") if s.native_bf16 else None
         plain = lambda r: F.plain_flops(s.fp32.layers, *r.input_ids.shape, d)  # noqa: E731
         keys["plain_flop_efficiency"] = efficiency("plain", plain, peaks["fp32"])
         keys["plain_bf16_flop_efficiency"] = efficiency("plain_bf16", plain, peaks["bf16"])
-        keys["plain_bf16_speedup"] = ratio(times, "plain", "plain_bf16")
+        keys["plain_bf16_speedup"] = ratio(times, "plain", "plain_bf16") if s.native_bf16 else None
     details = {"times": times, "outputs": outputs, "used": used, "info": info, "peaks": peaks,
                "gflop_xcross": median([flops_x(r) / 1e9 for r in used])}
     return keys, details
@@ -183,10 +187,11 @@ def accuracy(s: Setup, details: dict[str, Any], users: list[Request] | None) -> 
         out = {k: [f(r) for r in users] for k, f in variants.items()}
         used = users
     fp32 = hit1(out["xcross"], used)
+    bf16 = "xcross_bf16" in out  # not on a CPU without native bf16
     keys = {"accuracy_users": len(used), "hit1_fp32": fp32,
-            "bf16_hit1_diff": hit1(out["xcross_bf16"], used) - fp32,
+            "bf16_hit1_diff": hit1(out["xcross_bf16"], used) - fp32 if bf16 else None,
             "ort_int8_hit1_diff": hit1(out["ort_int8"], used) - fp32,
-            "bf16_top1_agreement": agreement(out["xcross_bf16"], out["xcross"]),
+            "bf16_top1_agreement": agreement(out["xcross_bf16"], out["xcross"]) if bf16 else None,
             "ort_int8_top1_agreement": agreement(out["ort_int8"], out["xcross"])}
     return keys
 
@@ -194,5 +199,6 @@ def accuracy(s: Setup, details: dict[str, Any], users: list[Request] | None) -> 
 def _accuracy_variants(s: Setup, details: dict[str, Any]) -> tuple[dict[str, Callable], None]:
     models = details["info"]["models"]
     ort8 = session(s.work / "xcross.int8.onnx", s.threads)
-    return {"xcross": _torch(models["xcross"]), "xcross_bf16": _torch(models["xcross_bf16"], bf16=True),
+    bf16 = {"xcross_bf16": _torch(models["xcross_bf16"], bf16=True)} if "xcross_bf16" in models else {}
+    return {"xcross": _torch(models["xcross"]), **bf16,
             "ort_int8": lambda r: run(ort8, r.input_ids, r.attention_mask)}, None

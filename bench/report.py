@@ -48,6 +48,8 @@ VARIANTS = {
 
 
 def _verdict(key: str, value: Any, keys: dict[str, Any]) -> str:
+    if value is None:
+        return "not measured (no native bf16 on this CPU)" if "bf16" in key else "not measured"
     if key == "bf16_speedup":
         need = 2.5 if keys["cpu_flags"].get("amx_bf16") else 1.3
         return "met" if value >= need else f"missed (needs {need})"
@@ -58,10 +60,13 @@ def _verdict(key: str, value: Any, keys: dict[str, Any]) -> str:
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def plots(out_dir: Path, report: dict[str, Any]) -> list[str]:
+def plots(out_dir: Path, report: dict[str, Any], prefix: str = "perf") -> list[str]:
+    """The plots beside the report; `prefix` names them (a second report, e.g. another CPU, keeps its own)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,9 +83,9 @@ def plots(out_dir: Path, report: dict[str, Any]) -> list[str]:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out_dir / "perf_latency_vs_batch.png", dpi=110)
+        fig.savefig(out_dir / f"{prefix}_latency_vs_batch.png", dpi=110)
         plt.close(fig)
-        names.append("perf_latency_vs_batch.png")
+        names.append(f"{prefix}_latency_vs_batch.png")
     conc = report.get("concurrency")
     if conc:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -96,16 +101,16 @@ def plots(out_dir: Path, report: dict[str, Any]) -> list[str]:
         ax.grid(True, alpha=0.3)
         fig.legend(loc="upper left", bbox_to_anchor=(0.12, 0.88))
         fig.tight_layout()
-        fig.savefig(out_dir / "perf_throughput_vs_concurrency.png", dpi=110)
+        fig.savefig(out_dir / f"{prefix}_throughput_vs_concurrency.png", dpi=110)
         plt.close(fig)
-        names.append("perf_throughput_vs_concurrency.png")
+        names.append(f"{prefix}_throughput_vs_concurrency.png")
     return names
 
 
 def write_report(path: Path, keys: dict[str, Any], machine: dict[str, Any], report: dict[str, Any],
                  trained: bool) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    images = plots(path.parent, report)
+    images = plots(path.parent, report, "perf" if path.stem == "performance" else path.stem)
     details = report["details"]
     times = details["times"]
     L: list[str] = ["# Performance", ""]
@@ -127,7 +132,7 @@ def write_report(path: Path, keys: dict[str, Any], machine: dict[str, Any], repo
           f"{keys['threads']} intra-op thread(s); glibc malloc tuning {'on' if machine['malloc_tuned'] else 'off'}",
           "- flags: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in machine["flags"].items()),
           f"- matmul peak in this run (3072^2 torch.mm): fp32 {keys['peak_fp32_gflops']:.0f} GFLOP/s, "
-          f"bf16 {keys['peak_bf16_gflops']:.0f} GFLOP/s",
+          f"bf16 {_fmt(keys['peak_bf16_gflops'])} GFLOP/s",
           f"- checkpoints: {'trained (--artifacts)' if trained else 'freshly initialised on the real MiniLM (random LoRAs with small non-zero B, random integrator and heads)'}",  # noqa: E501
           "", "## Targets", "", "| key | value | target | verdict |", "|---|---|---|---|"]
     for key, target, _ in TARGETS:

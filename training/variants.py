@@ -291,19 +291,21 @@ def inference_cost(ctx: Context, target: str, models: dict[str, Path], n_users: 
         built[label] = optimize_for_inference(model, streamwise=True)
     source = ctx.source(target, bb.tokenizer, cfg.max_len)
     batches = [source.builder.collate(source.prompts(u, u.candidates)) for u in ctx.dev(target, n_users)]  # CPU
+    from service.machine import cpu_bf16_flags, describe  # timings are only comparable within a run
+
+    bf16 = cfg.bf16 and bool(cpu_bf16_flags())  # as the service's `auto`: emulated bf16 is ~6x slower than fp32
     times: dict[str, list[float]] = {k: [] for k in built}
     for _ in range(repeats):
         for label, model in built.items():
             t0 = time.perf_counter()
-            with autocast(cfg.bf16, "cpu"):
+            with autocast(bf16, "cpu"):
                 for ids, mask in batches:
                     model(ids, mask)
             times[label].append(time.perf_counter() - t0)
     ms = {k: 1000 * float(np.median(v)) / len(batches) for k, v in times.items()}
-    from service.machine import describe  # CPU model, flags and load: timings are only comparable within a run
 
     return {"ms_per_request": ms, "ratio": {k: v / ms[reference] for k, v in ms.items()}, "reference": reference,
-            "users": len(batches), "repeats": repeats, "threads": torch.get_num_threads(), "bf16": cfg.bf16,
+            "users": len(batches), "repeats": repeats, "threads": torch.get_num_threads(), "bf16": bf16,
             "machine": describe(probe_load=True)}
 
 

@@ -46,6 +46,7 @@ def test_flop_count_matches_torch_flop_counter(form):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # as the subprocess: ~1 min on a 2-core Xeon, ~5 min on a 1-thread EPYC without AVX-512
 def test_quick_bench_prints_every_key_as_json():
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json"], cwd=REPO, env=env,
