@@ -45,7 +45,9 @@ export XCROSS_RUN_NOTE="trained on a lent GPU (users of a step in one forward); 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 
-snapshot() {  # one archive split in 15 MB parts (the transfer takes files of at most 16 MiB, 8 files, 64 MiB)
+# one archive split in 15 MB parts (the transfer takes files of at most 16 MiB, 8 files, 64 MiB in all: past that
+# the last parts stay behind, so the archive lists the small, important files first and the models last)
+snapshot() {
   (cd "$W" && rm -rf /tmp/snap && mkdir -p /tmp/snap \
     && tar czf /tmp/snap/all.tgz results logs artifacts/lora artifacts/xcross $(ls runs/*/state.json 2>/dev/null) \
          $(ls runs/*/state.safetensors runs/*/best.safetensors 2>/dev/null | grep -v lowdata) \
@@ -63,7 +65,8 @@ if [ -n "${JOBFILE:-}" ]; then  # one `python -m training ...` per line, all at 
   while read -r line; do
     [ -z "$line" ] && continue
     name=$(echo "$line" | tr -c 'A-Za-z0-9\n-' '_' | cut -c1-80)
-    OMP_NUM_THREADS=1 timeout -s INT "$LEFT" python3 -m training $line --preset "$PRESET" --quiet \
+    # TERM, not INT: background jobs of a non-interactive shell ignore SIGINT (states are saved every 25 steps)
+    OMP_NUM_THREADS=1 timeout "$LEFT" python3 -m training $line --preset "$PRESET" --quiet \
       > "logs/job-$name.log" 2>&1 &
   done < "$SRC/$JOBFILE"
   wait
