@@ -62,17 +62,13 @@ def to_device(model: torch.nn.Module, device: torch.device | None = None) -> tor
     return model
 
 
-class PromptSource:
-    """Title ids of one catalog (tokenized once) and the prompt builder."""
+class PromptBatches:
+    """Padded batches on the training device from a `prompts(user, candidates)` and a `builder` (to collate)."""
 
-    def __init__(self, tokenizer, catalog: Catalog, max_len: int):
-        self.catalog = catalog
-        self.title_ids = encode_pieces(tokenizer, catalog.titles)
-        self.builder = PromptBuilder(tokenizer, max_len=max_len)
+    builder: PromptBuilder
 
     def prompts(self, user: User, candidates: Sequence[int]) -> list:
-        history = [self.title_ids[i] for i in user.history]
-        return self.builder.build_many(history, [self.title_ids[c] for c in candidates])
+        raise NotImplementedError
 
     def batch(self, user: User, candidates: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One user's prompts, padded to the longest, on the training device."""
@@ -86,6 +82,19 @@ class PromptSource:
         ids, mask = self.builder.collate(prompts)
         device = train_device()
         return (ids, mask) if device.type == "cpu" else (ids.to(device), mask.to(device))
+
+
+class PromptSource(PromptBatches):
+    """Title ids of one catalog (tokenized once) and the prompt builder."""
+
+    def __init__(self, tokenizer, catalog: Catalog, max_len: int):
+        self.catalog = catalog
+        self.title_ids = encode_pieces(tokenizer, catalog.titles)
+        self.builder = PromptBuilder(tokenizer, max_len=max_len)
+
+    def prompts(self, user: User, candidates: Sequence[int]) -> list:
+        history = [self.title_ids[i] for i in user.history]
+        return self.builder.build_many(history, [self.title_ids[c] for c in candidates])
 
 
 def rank_of_target(scores: np.ndarray, target_pos: int) -> int:

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from model.xcross import listwise_loss
 from training.data import PopularitySampler, User
-from training.evaluate import PromptSource, autocast, evaluate_users, step_batched, to_device
+from training.evaluate import PromptBatches, autocast, evaluate_users, step_batched, to_device
 from training.presets import TrainConfig
 
 # train-count per item of the users' domain: one array, or per user (mixed-domain data, training/variants.py)
@@ -125,19 +125,16 @@ def _seed_dropout(seed: int, position: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, position]).generate_state(1)[0]))
 
 
-def user_loss(model: nn.Module, source: PromptSource, popularity: Popularity, user: User, position: int,
+def user_loss(model: nn.Module, source: PromptBatches, popularity: Popularity, user: User, position: int,
               k: int, seed: int, bf16: bool) -> torch.Tensor:
-    _seed_dropout(seed, position)  # dropout masks
-    ids, mask = source.batch(user, training_candidates(popularity, user, position, k, seed))
-    with autocast(bf16):
-        scores = model(ids, mask)
-    return listwise_loss(scores, group=k)  # (eq. 1)
+    """Eq. 1 for one user (the CPU path: each user's prompts padded only to that user's longest)."""
+    return step_loss(model, source, popularity, [(position, user)], k, seed, bf16)
 
 
-def step_loss(model: nn.Module, source: PromptSource, popularity: Popularity, step_users: list[tuple[int, User]],
+def step_loss(model: nn.Module, source: PromptBatches, popularity: Popularity, step_users: list[tuple[int, User]],
               k: int, seed: int, bf16: bool) -> torch.Tensor:
-    """The mean of eq. 1 over a step's users in one forward (the same examples as `user_loss` user by user;
-    dropout masks seeded once per step)."""
+    """The mean of eq. 1 over users in one forward (the GPU path: a whole step; dropout masks seeded by the
+    first user's position)."""
     _seed_dropout(seed, step_users[0][0])
     ids, mask = source.batch_many([(u, training_candidates(popularity, u, pos, k, seed)) for pos, u in step_users])
     with autocast(bf16):
@@ -145,7 +142,7 @@ def step_loss(model: nn.Module, source: PromptSource, popularity: Popularity, st
     return listwise_loss(scores, group=k)  # (eq. 1), mean over users
 
 
-def train(model: nn.Module, source: PromptSource, users: list[User], popularity: Popularity, cfg: TrainConfig,
+def train(model: nn.Module, source: PromptBatches, users: list[User], popularity: Popularity, cfg: TrainConfig,
           run_dir: Path, eval_users: list[User], seed: int = 0, resume: bool = False, progress: bool = True,
           head_prefix: str = "head.", log=print, max_steps: int | None = None) -> RunState:
     """Train the model's trainable parameters; the best (by validation MRR@10) weights end in best.safetensors.

@@ -265,7 +265,7 @@ def low_data(ctx: Context, target: str, models: tuple[str, ...] = ("xcross", "lo
     unknown = set(sizes or ()) - set(ctx.preset.low_data_sizes)
     if unknown:
         raise ValueError(f"sizes {sorted(unknown)} are not in the preset's {ctx.preset.low_data_sizes}")
-    rows, missing = [], []
+    rows, missing, devices = [], [], set()
     for size in sizes or ctx.preset.low_data_sizes:
         for seed in ctx.preset.low_data_seeds:
             pool, _ = ctx.split(target, replace(ctx.preset.lora, train_users=None))
@@ -275,25 +275,23 @@ def low_data(ctx: Context, target: str, models: tuple[str, ...] = ("xcross", "lo
                 name = f"lowdata-{kind}-{size}-s{seed}"
                 run = f"{name}-{target}-{ctx.preset.name}"
                 done = ctx.paths.results / f"{run}.json"  # finished runs are not trained again; others resume
-                if done.exists():
-                    metrics = load_result(done)["metrics"]
-                elif available:
+                if not done.exists() and available:
                     missing.append(run)
                     continue
-                elif kind == "xcross":
-                    metrics = train_xcross(ctx, target, name=name, train_users=subset, resume=True)["dev"]
-                else:
-                    metrics = train_lora(ctx, target, train_users=subset, run_name=run, resume=True,
-                                         out=ctx.paths.runs / run / "model")["dev"]
-                rows.append({"model": kind, "size": size, "seed": seed, **metrics})
+                if not done.exists() and kind == "xcross":
+                    train_xcross(ctx, target, name=name, train_users=subset, resume=True)
+                elif not done.exists():
+                    train_lora(ctx, target, train_users=subset, run_name=run, resume=True,
+                               out=ctx.paths.runs / run / "model")
+                res = load_result(done)  # written by the training call under the run's name
+                devices.add(res.get("device", "cpu"))
+                rows.append({"model": kind, "size": size, "seed": seed, **res["metrics"]})
     if sizes:
         return {"rows": rows}
     zs = json.loads((ctx.paths.results / "zero_shot.json").read_text())
     reference = max((s for s in zs["dev"] if s != target), key=lambda s: zs["val"][s][target]["hit@1"])
     result = {**ctx.meta(kind="low-data", target=target), "rows": rows, "missing": missing, "reference": reference,
-              "reference_hit@1": zs["dev"][reference][target]["hit@1"],
-              "devices": sorted({load_result(ctx.paths.results / f"lowdata-{r['model']}-{r['size']}-s{r['seed']}-"
-                                             f"{target}-{ctx.preset.name}.json").get("device", "cpu") for r in rows})}
+              "reference_hit@1": zs["dev"][reference][target]["hit@1"], "devices": sorted(devices)}
     path = ctx.paths.results / f"low_data-{target}.json"
     path.write_text(json.dumps(result, indent=1) + "\n")
     plot_low_data(result, ctx.paths.results / f"low_data-{target}.png")

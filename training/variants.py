@@ -44,7 +44,16 @@ from model.source import SourceLoraModel
 from model.weaverec import LambdaMerge, merge_heads
 from model.xcross import listwise_loss
 from training.data import DOMAINS, User, check_domain
-from training.evaluate import PromptSource, autocast, evaluate_users, load_result, paired_ttest, save_result, to_device
+from training.evaluate import (
+    PromptBatches,
+    PromptSource,
+    autocast,
+    evaluate_users,
+    load_result,
+    paired_ttest,
+    save_result,
+    to_device,
+)
 from training.loop import dist_world, load_best, train
 from training.pipeline import REPO, Context, Paths, _lora_cfg_dict, _manifest_extra, chosen_sources, score_checkpoint
 from training.presets import TrainConfig, get_preset
@@ -64,22 +73,16 @@ class DomainUser(User):
     domain: str = ""
 
 
-class MixedSource:
-    """Prompts of users from several domains: each user's titles come from its own domain's catalog."""
+class MixedSource(PromptBatches):
+    """Prompts of users from several domains: each user's titles come from its own domain's catalog (the
+    sources share the tokenizer and max_len, so the default's builder collates any mix)."""
 
     def __init__(self, sources: dict[str, PromptSource], default: str):
         self.sources, self.default = sources, default
+        self.builder = sources[default].builder
 
-    def _of(self, user: User) -> PromptSource:
-        return self.sources[getattr(user, "domain", "") or self.default]
-
-    def batch(self, user: User, candidates) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._of(user).batch(user, candidates)
-
-    def batch_many(self, pairs) -> tuple[torch.Tensor, torch.Tensor]:
-        """A step's users from several domains in one batch (the training loop's GPU path)."""
-        first = self._of(pairs[0][0])
-        return first._collate([p for user, cands in pairs for p in self._of(user).prompts(user, cands)])
+    def prompts(self, user: User, candidates) -> list:
+        return self.sources[getattr(user, "domain", "") or self.default].prompts(user, candidates)
 
 
 def mixed_users(ctx: Context, target: str, others: list[str], cfg: TrainConfig, cap: int | None = None
