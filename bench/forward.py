@@ -133,6 +133,9 @@ def run_suite(s: Setup, reps: int) -> tuple[dict[str, float], dict[str, Any]]:
     xcross, single = info["models"]["xcross"], info["models"]["single"]
     d = s.fp32.hidden_size
 
+    def timed_ratio(a: str, b: str) -> float | None:  # None where a side was not timed (bf16 without native bf16)
+        return ratio(times, a, b) if a in times and b in times else None
+
     def efficiency(name: str, count: Callable[[Request], float], peak: float | None) -> float | None:
         if name not in times or peak is None:  # bf16 not timed on a CPU without native bf16
             return None
@@ -145,10 +148,10 @@ def run_suite(s: Setup, reps: int) -> tuple[dict[str, float], dict[str, Any]]:
                                           for a, b in zip(outputs["naive"], outputs["xcross"], strict=True)),
 
         "xcross_over_single": ratio(times, "xcross", "single"),
-        "xcross_over_single_bf16": ratio(times, "xcross_bf16", "single_bf16") if s.native_bf16 else None,
+        "xcross_over_single_bf16": timed_ratio("xcross_bf16", "single_bf16"),
         "xcross_over_single_shared3": ratio(times, "shared3", "single"),
         "single_vs_crossencoder": ratio(times, "crossencoder", "single"),
-        "bf16_speedup": ratio(times, "xcross", "xcross_bf16") if s.native_bf16 else None,
+        "bf16_speedup": timed_ratio("xcross", "xcross_bf16"),
         "ort_fp32_speedup": ratio(times, "xcross", "ort_fp32"),
         "ort_fp32_max_abs_diff": max(float(np.abs(a - b).max())
                                      for a, b in zip(outputs["ort_fp32"], outputs["xcross"], strict=True)),
@@ -167,11 +170,11 @@ def run_suite(s: Setup, reps: int) -> tuple[dict[str, float], dict[str, Any]]:
         keys["xcross_over_single_grouped"] = ratio(times, "grouped", "single")
         keys["ref_vs_naive"] = ratio(times, "naive", "xcross_ref")
         keys["served_vs_ref"] = ratio(times, "xcross_ref", "xcross")
-        keys["bf16_autocast_speedup"] = ratio(times, "xcross", "xcross_autocast") if s.native_bf16 else None
+        keys["bf16_autocast_speedup"] = timed_ratio("xcross", "xcross_autocast")
         plain = lambda r: F.plain_flops(s.fp32.layers, *r.input_ids.shape, d)  # noqa: E731
         keys["plain_flop_efficiency"] = efficiency("plain", plain, peaks["fp32"])
         keys["plain_bf16_flop_efficiency"] = efficiency("plain_bf16", plain, peaks["bf16"])
-        keys["plain_bf16_speedup"] = ratio(times, "plain", "plain_bf16") if s.native_bf16 else None
+        keys["plain_bf16_speedup"] = timed_ratio("plain", "plain_bf16")
     details = {"times": times, "outputs": outputs, "used": used, "info": info, "peaks": peaks,
                "gflop_xcross": median([flops_x(r) / 1e9 for r in used])}
     return keys, details
