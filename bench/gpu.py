@@ -7,7 +7,8 @@ machines have no hub access), bf16, 30 prompts x 192 tokens per request, CUDA-ev
 Reference (DESIGN 9, H200, bf16): the plain backbone takes 15.4 ms for 30 prompts and 18.4 ms for 60 prompts
 x 192 tokens. Targets: the full X-Cross forward (n=2, K=9) within 1.15x of plain-60 (`xcross_over_plain60`),
 the grouped path >= 1.5x faster than naive peft adapter-at-a-time (`grouped_vs_naive`). Also measured: fp32
-vs bf16, CUDA graphs (static shapes), flashdeberta when installed, ONNX Runtime's CUDA provider when installed.
+vs bf16, CUDA graphs (static shapes), flashdeberta's Triton attention when installed (swapped into the same layers:
+`flash_speedup`, with its max |diff| on full and half-padded prompts), ONNX Runtime's CUDA provider when installed.
 """
 
 from __future__ import annotations
@@ -134,11 +135,20 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - report and go on
             extra["cuda_graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
     try:
-        import flashdeberta  # noqa: F401
-
-        extra["flashdeberta"] = "installed (not wired into the layer runner yet: see docs/performance.md)"
+        fbb, xflash = flash_models(cfg, loras, ref, top_k, device)
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16):
+            extra["max_abs_diff_flash_vs_ref_bf16"] = (xflash(ids, mask) - ref(ids, mask)).abs().max().item()
+            pad = mask.clone()
+            pad[:, T // 2:] = 0  # padded prompts take flashdeberta's varlen kernel
+            extra["max_abs_diff_flash_vs_ref_padded_bf16"] = (xflash(ids, pad) - ref(ids, pad)).abs().max().item()
+        fns["xcross_flash"] = call(xflash, ids, mask)
+        fns["plain30_flash"] = call(lambda i, m: fbb.model(input_ids=i, attention_mask=m).last_hidden_state, ids, mask)
+        extra["flashdeberta"] = "measured (its attention swapped into the same layers)"
     except ImportError:
         extra["flashdeberta"] = "not installed (pip install flashdeberta; carry its wheel to the GPU machine)"
+    except Exception as exc:  # noqa: BLE001 - report and go on (triton kernels need a GPU)
+        fns.pop("xcross_flash", None)
+        extra["flashdeberta"] = f"failed: {type(exc).__name__}: {exc}"[:300]
     times = interleaved(fns, args.reps, device)
     keys = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "shape": f"{B}x{T}, {'tiny' if args.tiny else 'deberta-v3-base'} (random weights), n=2, K={top_k}",
@@ -150,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             "bf16_speedup": times["xcross_fp32"] / times["xcross"],
             "max_abs_diff_grouped_vs_ref_bf16": diff_grouped, "max_abs_diff_naive_vs_ref_bf16": diff_naive,
             **{f"{k}_ms": 1000 * v for k, v in times.items()}, **extra}
+    if "xcross_flash" in times:
+        keys["flash_speedup"] = times["xcross"] / times["xcross_flash"]
+        keys["plain_flash_speedup"] = times["plain30"] / times["plain30_flash"]
     if "xcross_cudagraph" in times:
         keys["cuda_graph_speedup"] = times["xcross"] / times["xcross_cudagraph"]
     keys["onnx_cuda"] = onnx_cuda(grouped, ids, mask, times["xcross_fp32"], device) if device.type == "cuda" else (
@@ -159,6 +172,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{k:34s} {v:.4g}" if isinstance(v, float) else f"{k:34s} {v}")
     print(json.dumps(keys, default=str))
     return 0
+
+
+def flash_models(cfg: DebertaV2Config, loras: list, ref: XCross, top_k: int, device: torch.device):
+    """The plain backbone and X-Cross (ref's weights) on a second copy of the weights, with flashdeberta's fused
+    disentangled attention (Triton) in place of transformers' `DisentangledSelfAttention`: same parameters, so the
+    class is swapped on the existing modules. Raises ImportError when flashdeberta is not installed."""
+    from flashdeberta.model import FlashDisentangledSelfAttention
+    from transformers.models.deberta_v2.modeling_deberta_v2 import DisentangledSelfAttention
+
+    fbb = backbone_from_config(cfg, None, seed=0)
+    xflash = optimize_for_inference(XCross(fbb, loras, XCrossConfig(top_k=top_k, init_std=0.02)).eval())
+    xflash.load_state_dict(ref.state_dict(), strict=False)
+    for m in (*fbb.model.modules(), *xflash.modules()):
+        if type(m) is DisentangledSelfAttention:
+            m.__class__ = FlashDisentangledSelfAttention
+    fbb.model.to(device)
+    return fbb, xflash.to(device)
 
 
 def onnx_cuda(model, ids, mask, torch_fp32_s: float, device: torch.device) -> dict | str:

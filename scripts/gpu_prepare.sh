@@ -28,6 +28,12 @@ keep = lambda k, v: v.numel() < 100_000 or "position" in k  # noqa: E731
 save_file({k: (v if keep(k, v) else v.to(torch.bfloat16)).contiguous() for k, v in t.items()},
           f"{dst}/model/model.bf16.safetensors")
 PYEOF
+# flashdeberta (pure Python + Triton kernels) for bench/gpu.sh's fused-attention row; the GPU machine has no network
+if $PY -m pip download -q --no-deps --only-binary=:all: -d .gpu/wheels flashdeberta==0.0.8 2>/dev/null; then
+  $PY -m zipfile -e .gpu/wheels/flashdeberta-0.0.8-py3-none-any.whl .gpu/site/
+else
+  echo "flashdeberta not downloaded: bench/gpu.sh will report it as not installed"
+fi
 tar czf .gpu/amazon-xcross.tar.gz -C "${XCROSS_DATA_ROOT:-../shared/data}" amazon-xcross
 git rev-parse --short HEAD > .gpu/commit
 du -sh .gpu

@@ -6,7 +6,7 @@
 #
 # Runs `python -m training all --preset <preset>` with XCROSS_TRAIN_DEVICE=cuda in a copy of the tree (/tmp/w, kept
 # while the machine stays warm, so a second call resumes), and snapshots what finished to $OUT every 20 s:
-#   gpu.part00, gpu.part01, ...  one .tgz in 15 MB parts: results/, logs/, artifacts/{lora,xcross}, runs/ states and
+#   gpu.part00, gpu.part01, ...  one .tgz in 15 MB parts: results/, logs/, artifacts/{lora,xcross,weaverec,gca}, runs/ states and
 #   models (not the low-data ones). Here: cat gpu.part* | tar xz, in a scratch folder, then copy what you want.
 # JOBFILE=path runs its lines (`python -m training` arguments) in parallel instead of `all`. The GPU machine has torch, transformers and peft but no network.
 set -u
@@ -49,7 +49,7 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 # the last parts stay behind, so the archive lists the small, important files first and the models last)
 snapshot() {
   (cd "$W" && rm -rf /tmp/snap && mkdir -p /tmp/snap \
-    && tar czf /tmp/snap/all.tgz results logs artifacts/lora artifacts/xcross $(ls runs/*/state.json 2>/dev/null) \
+    && tar czf /tmp/snap/all.tgz results logs artifacts/lora artifacts/xcross $(ls -d artifacts/weaverec artifacts/gca 2>/dev/null) $(ls runs/*/state.json 2>/dev/null) \
          $(ls runs/*/state.safetensors runs/*/best.safetensors 2>/dev/null | grep -v lowdata) \
          $(ls -d runs/*/model 2>/dev/null | grep -v lowdata) \
     && split -b 15M -d /tmp/snap/all.tgz /tmp/snap/gpu.part && rm /tmp/snap/all.tgz \

@@ -2,6 +2,7 @@
 
     python -m training variants train-weaverec --target Tools --preset cpu            # hybrid LoRAs + uniform merge
     python -m training variants train-weaverec --target Tools --preset cpu --learn-lambda   # + lambda on validation
+    python -m training variants train-hybrid --target Tools --source Toys --preset cpu  # one hybrid (parallel runs)
     python -m training variants merge-sources --target Tools --preset cpu             # naive: {target, plain sources}
     python -m training variants train-joint --target Tools --preset cpu               # naive: one LoRA, all data
     python -m training variants train-gca --target Tools --act sigmoid --ln --layers=-1 --preset cpu
@@ -217,6 +218,16 @@ def _lora_params(path: Path) -> int:
         return int(sum(np.prod(f.get_slice(k).get_shape()) for k in f.keys()))  # noqa: SIM118
 
 
+def train_hybrid(ctx: Context, target: str, source: str, cap: int | None = None, resume: bool = False,
+                 max_steps: int | None = None) -> dict:
+    """One WeaveRec hybrid LoRA (target + `source` users); a finished one is reused, not trained again."""
+    name = f"hybrid-{source}"
+    done = ctx.paths.runs / f"{PREFIX}{name}-{target}-{ctx.preset.name}" / "model"
+    if (done / "manifest.json").is_file():
+        return {"finished": True, "out": str(done), "reused": True}
+    return train_mixed_lora(ctx, target, [source], name, cap, resume, max_steps)
+
+
 def train_weaverec(ctx: Context, target: str, sources: list[str] | None = None, cap: int | None = None,
                    learn_lambda: bool = False, temperature: float = 1.0, resume: bool = False,
                    max_steps: int | None = None) -> dict:
@@ -229,13 +240,10 @@ def train_weaverec(ctx: Context, target: str, sources: list[str] | None = None, 
                                 f"{target}` first")
     components: list[tuple[str, Path]] = [(f"lora:{target}", target_lora)]
     for s in sources:
-        name = f"hybrid-{s}"
-        done = ctx.paths.runs / f"{PREFIX}{name}-{target}-{ctx.preset.name}" / "model"
-        if not (done / "manifest.json").is_file():
-            out = train_mixed_lora(ctx, target, [s], name, cap, resume, max_steps)
-            if not out["finished"]:
-                return out
-        components.append((f"hybrid:{s}", done))
+        out = train_hybrid(ctx, target, s, cap, resume, max_steps)
+        if not out["finished"]:
+            return out
+        components.append((f"hybrid:{s}", Path(out["out"])))
     trained = sum(_lora_params(p) for _, p in components)
     res = {"uniform": merge(ctx, target, components, "weaverec", out=ctx.paths.artifacts / "weaverec" / target,
                             temperature=temperature, trained_params=trained)}
@@ -499,6 +507,22 @@ def train_weaverec_cmd(target: Target, preset: PresetOpt = "cpu", sources: Sourc
     for key in ("uniform", "learned"):
         if key in out:
             _echo(f"WeaveRec {key} {target}", out[key])
+
+
+@app.command("train-hybrid")
+def train_hybrid_cmd(target: Target, source: Annotated[str, typer.Option(help="the source domain mixed in")],
+                     preset: PresetOpt = "cpu",
+                     cap: Annotated[int | None, typer.Option(help="at most N target users in the mix")] = None,
+                     resume: ResumeOpt = False, max_steps: MaxStepsOpt = None, quiet: QuietOpt = False,
+                     backbone: BackboneOpt = "minilm", overrides: SetOpt = None, tag: TagOpt = None,
+                     artifacts: RootOpt = None, results: RootOpt = None, runs: RootOpt = None) -> None:
+    """One hybrid LoRA of WeaveRec alone (to train a target's hybrids in parallel); `train-weaverec` with the same
+    --cap then reuses the finished ones and merges."""
+    ctx = _ctx(preset, quiet, backbone, artifacts, results, runs, overrides, tag)
+    out = train_hybrid(ctx, check_domain(target), check_domain(source), cap, resume, max_steps)
+    if out.get("reused"):
+        return typer.echo(f"hybrid LoRA {target} + {source}: already trained ({out['out']})")
+    _echo(f"hybrid LoRA {target} + {source}", out)
 
 
 @app.command("merge-sources")

@@ -22,6 +22,7 @@ from training.variants import (
     merge_sources,
     mixed_users,
     train_gca,
+    train_hybrid,
     train_weaverec,
 )
 
@@ -78,6 +79,14 @@ def test_weaverec_trains_hybrids_and_merges_them_with_the_target_lora(ctx, weave
     assert hybrid["mix"]["users"] == {"Tools": 16, "Sports": 16} and hybrid["mix"]["seed"] == 0
     res = json.loads((ctx.paths.results / "variants-weaverec-Tools-smoke.json").read_text())
     assert res["metrics"]["n_users"] == 6 and len(res["per_user"]) == 6 and res["trainable_params"] > 0
+
+
+def test_train_hybrid_reuses_a_finished_hybrid_instead_of_training_it_again(ctx, weaverec):
+    done = ctx.paths.runs / "variants-hybrid-Sports-Tools-smoke" / "model"
+    before = {p.name: p.stat().st_mtime_ns for p in done.iterdir()}
+    out = train_hybrid(ctx, "Tools", "Sports")
+    assert out == {"finished": True, "out": str(done), "reused": True}
+    assert {p.name: p.stat().st_mtime_ns for p in done.iterdir()} == before
 
 
 def test_learned_lambda_moves_off_uniform_and_sums_to_one(ctx, weaverec):
