@@ -100,9 +100,10 @@ class LambdaMerge(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One score per prompt, (B,), fp32."""
         h = self.runner.forward(input_ids, attention_mask)  # (B, T, d), every linear lambda-merged
-        lam = self.weights()
-        params = {n: torch.einsum("n,n...->...", lam, getattr(self, f"heads_{n.replace('.', '_')}"))
-                  for n in self._head_names}
+        with torch.autocast(h.device.type, enabled=False):  # the merged head stays fp32 under bf16 autocast
+            lam = self.weights()
+            params = {n: torch.einsum("n,n...->...", lam, getattr(self, f"heads_{n.replace('.', '_')}"))
+                      for n in self._head_names}
         return functional_call(self.head, params, (h[:, 0],))  # (eqs. 7-8) with the merged head
 
     def export(self) -> tuple[LoraWeights, Head, list[float]]:

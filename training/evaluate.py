@@ -52,13 +52,18 @@ def device_info() -> dict:
 
 
 def to_device(model: torch.nn.Module, device: torch.device | None = None) -> torch.nn.Module:
-    """Move a model and the frozen backbone it runs through (held by a `LayerRunner`, not a submodule)."""
+    """Move a model and the frozen backbone it runs through (held by a `LayerRunner`, not a submodule).
+
+    Outside inference mode even when called from an evaluation: parameters moved inside it would become inference
+    tensors, and a later training step on the same model (the learned WeaveRec lambda after the uniform merge's
+    evaluation, on CUDA) fails with "Inference tensors cannot be saved for backward"."""
     device = device or train_device()
-    model.to(device)
-    for m in model.modules():
-        runner = getattr(m, "runner", None)
-        if isinstance(getattr(runner, "model", None), torch.nn.Module):
-            runner.model.to(device)
+    with torch.inference_mode(False):
+        model.to(device)
+        for m in model.modules():
+            runner = getattr(m, "runner", None)
+            if isinstance(getattr(runner, "model", None), torch.nn.Module):
+                runner.model.to(device)
     return model
 
 

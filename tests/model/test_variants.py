@@ -93,6 +93,13 @@ def test_lambda_model_equals_the_exported_single_adapter_and_trains():
     loss = listwise_loss(model(ids, mask), group=3)
     loss.backward()
     assert model.logits.grad is not None and model.logits.grad.abs().sum() > 0
+    # under bf16 autocast (the cpu preset's tuning) the merged head stays fp32 and the logits still train
+    model.logits.grad = None
+    with torch.autocast("cpu", torch.bfloat16):
+        scores = model(ids, mask)
+    assert scores.dtype == torch.float32
+    listwise_loss(scores, group=3).backward()
+    assert model.logits.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------- GCA

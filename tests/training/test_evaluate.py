@@ -12,6 +12,7 @@ from training.evaluate import (
     metrics_from_ranks,
     paired_ttest,
     rank_of_target,
+    to_device,
 )
 
 
@@ -75,3 +76,16 @@ def test_paired_ttest_matches_scipy():
 def test_embedding_floor_beats_chance(minilm, tools_source):
     res = embedding_floor(minilm, tools_source, load_domain("Tools").dev[:60], progress=False)
     assert res["metrics"]["n_users"] == 60 and res["metrics"]["hit@10"] > 100 * 10 / 30
+
+
+def test_to_device_inside_inference_mode_leaves_trainable_tensors():
+    """An evaluation (inference mode) that moves a model must not turn its parameters into inference tensors: the
+    learned-lambda step after the uniform merge's evaluation trains the same model (a CUDA-only failure before)."""
+    runner = type("Runner", (), {})()
+    runner.model = torch.nn.LayerNorm(3)  # the frozen backbone, held outside the module tree
+    model = torch.nn.Linear(3, 1)
+    model.runner = runner
+    with torch.inference_mode():
+        to_device(model, torch.device("meta"))
+    tensors = [*model.parameters(), *runner.model.parameters()]
+    assert all(t.device.type == "meta" and not t.is_inference() for t in tensors)
