@@ -12,6 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.flops import xcross_flops
+from bench.report import gpu_section
 from bench.timing import interleave, ratio
 from model.inference import optimize_for_inference
 from model.xcross import XCross, XCrossConfig
@@ -55,3 +56,15 @@ def test_quick_bench_prints_every_key_as_json():
     keys = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not [k for k in KEYS if k not in keys], keys
     assert keys["ort_fp32_max_abs_diff"] < 1e-4 and keys["fast_vs_naive_max_abs_diff"] < 1e-4
+
+
+def test_gpu_section_renders_the_recorded_gpu_run_with_verdicts(tmp_path):
+    assert "No GPU run recorded" in "\n".join(gpu_section(tmp_path))
+    keys = {"shape": "30x192", "xcross_over_plain60": 1.1, "grouped_vs_naive": 1.2, "plain60_over_plain30": 1.9,
+            "cuda_graph_error": "RuntimeError: boom.\nmore", "onnx_cuda": "not installed"}
+    run = {"command": "bash bench/gpu.sh", "date": "d", "commit": "c", "machine": "m", "reps": 5, "keys": keys}
+    (tmp_path / "bench-gpu-h100.json").write_text(json.dumps(run))
+    text = "\n".join(gpu_section(tmp_path))
+    assert "| `xcross_over_plain60` | 1.1 | <= 1.15 | met |" in text
+    assert "| `grouped_vs_naive` | 1.2 | >= 1.5 | missed |" in text
+    assert "capture failed (RuntimeError: boom)" in text and "60 prompts cost 1.9x of 30" in text
