@@ -3,7 +3,6 @@
   batch_sizes   latency of one forward vs prompts per forward (the latency plot)
   packing       the served CPU form with and without skipping padding (BERT: PackedBertLayer)
   sort          a 300-candidate request in forwards of 30, in request order vs sorted by prompt length
-  bf16_pure     bf16 activations end to end (no autocast; layer norms still accumulate in fp32) vs bf16 autocast
   threads       1 vs 2 intra-op threads
   malloc        glibc's default mmap behaviour vs service.machine.tune_malloc, at 30 and 60 prompts (subprocesses)
   compile       torch.compile (inductor) of the grouped forward vs eager
@@ -25,6 +24,7 @@ import torch
 from bench.forward import Setup
 from bench.models import Request, load
 from bench.timing import interleave, median, ratio
+from model.inference import runs_pure_bf16
 from model.onnx_export import run, session
 
 
@@ -43,8 +43,11 @@ def collate(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _call(model: Callable, bf16: bool) -> Callable[[tuple[torch.Tensor, torch.Tensor]], Any]:
+    """batch -> scores; `bf16`: under autocast unless the model runs bf16 end to end (`serve_bf16_`)."""
+    autocast = bf16 and not (isinstance(model, torch.nn.Module) and runs_pure_bf16(model))
+
     def call(batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16) if bf16 else nullcontext():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16) if autocast else nullcontext():
             return model(*batch)
 
     return call
@@ -91,22 +94,6 @@ def sort_buckets(s: Setup, models: dict[str, Any], reps: int, candidates: int = 
     return {"prompts": len(rows), "padded_tokens_ratio": tokens(plain) / tokens(bucketed),
             "speedup_served": ratio(times, "served_plain", "served_sorted"),
             "speedup_grouped": ratio(times, "grouped_plain", "grouped_sorted")}
-
-
-def bf16_pure(s: Setup, models: dict[str, Any], reps: int) -> dict[str, float]:
-    pure = load(s.artifacts, s.bf16, bf16_weights=True)
-    pure.dtype = torch.bfloat16
-    req, outs = s.requests, {}
-    fns = {"autocast": _call(models["xcross_bf16"], True), "pure": _call(pure, False),
-           "fp32": _call(models["xcross"], False)}
-    times = interleave({k: (lambda i, f=f: f((req[i % len(req)].input_ids, req[i % len(req)].attention_mask)))
-                        for k, f in fns.items()}, reps=reps, outputs=outs)
-    agree = np.mean([int(a.argmax() == b.argmax()) for a, b in zip(outs["pure"], outs["fp32"], strict=True)])
-    return {"speedup_over_autocast": ratio(times, "autocast", "pure"),
-            "speedup_over_fp32": ratio(times, "fp32", "pure"),
-            "top1_agreement_with_fp32": float(agree),
-            "max_abs_diff_vs_fp32": max(float((a - b).abs().max()) for a, b in zip(outs["pure"], outs["fp32"],
-                                                                                    strict=True))}
 
 
 def threads(s: Setup, models: dict[str, Any], reps: int) -> dict[str, float]:
@@ -172,7 +159,7 @@ def run_all(s: Setup, details: dict[str, Any], reps: int, log: Callable[[str], N
     models = details["info"]["models"]
     out: dict[str, Any] = {}
     for name, fn in (("batch_sizes", batch_sizes), ("packing", packing), ("sort", sort_buckets),
-                     ("bf16_pure", bf16_pure), ("threads", threads), ("malloc", malloc), ("compile", compiled)):
+                     ("threads", threads), ("malloc", malloc), ("compile", compiled)):
         log(f"explore: {name}")
         t0 = time.perf_counter()
         try:

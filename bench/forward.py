@@ -8,7 +8,9 @@ Variants (each round scores the same real 30-candidate request with all of them,
   single          one source LoRA (merged into the base weights), fp32
   shared3         X-Cross whose LoRAs adapt only the top 3 layers (lower 3 run once for both streams), fp32
   crossencoder    sentence-transformers CrossEncoder.predict on the same MiniLM weights and 30 pairs, fp32
-  xcross_bf16     the served X-Cross under bf16 autocast with bf16 weights; single_bf16 likewise
+  xcross_bf16     the served bf16 X-Cross (model.inference.serve_bf16_: bf16 weights and activations, no
+                  autocast); single_bf16 likewise
+  xcross_bf16_autocast  bf16 weights under autocast (activations cast around layer norms, GELU)   [full run]
   xcross_autocast bf16 autocast alone (fp32 weights re-cast on every call)                         [full run]
   ort_fp32        ONNX Runtime, the whole X-Cross forward (grouped form) exported to ONNX; ort_int8: dynamic int8
   plain, plain_bf16  the backbone alone (the DESIGN's reference numbers)                           [full run]
@@ -30,6 +32,7 @@ from bench import flops as F
 from bench.models import Request, load, source_loras
 from bench.timing import interleave, median, ratio
 from model.backbone import Backbone
+from model.inference import runs_pure_bf16
 from model.onnx_export import export_onnx, quantize_int8, run, session
 from model.reference import NaiveXCross
 from training.evaluate import metrics_from_ranks, rank_of_target
@@ -52,8 +55,11 @@ class Setup:
 
 
 def _torch(model: Callable, bf16: bool = False) -> Callable[[Request], np.ndarray]:
+    """request -> scores; `bf16`: under bf16 autocast unless the model runs bf16 end to end (`serve_bf16_`)."""
+    autocast = bf16 and not (isinstance(model, torch.nn.Module) and runs_pure_bf16(model))
+
     def call(req: Request) -> np.ndarray:
-        ctx = torch.autocast("cpu", torch.bfloat16) if bf16 else nullcontext()
+        ctx = torch.autocast("cpu", torch.bfloat16) if autocast else nullcontext()
         with torch.inference_mode(), ctx:
             return model(req.input_ids, req.attention_mask).float().numpy()
 
@@ -107,6 +113,9 @@ def build_variants(s: Setup) -> tuple[dict[str, Callable[[Request], np.ndarray]]
         variants["plain"] = _plain(s.fp32)
         if s.native_bf16:
             variants["xcross_autocast"] = _torch(xcross, bf16=True)
+            bf16["xcross_bf16_autocast"] = load(s.artifacts, s.bf16, bf16_weights=True)
+            bf16["xcross_bf16_autocast"].dtype = None  # bf16 weights, activations left to autocast
+            variants["xcross_bf16_autocast"] = _torch(bf16["xcross_bf16_autocast"], bf16=True)
             variants["plain_bf16"] = _plain(s.bf16, bf16=True)
     info["models"] = {**built, **bf16}
     return variants, info
@@ -171,6 +180,7 @@ def run_suite(s: Setup, reps: int) -> tuple[dict[str, float], dict[str, Any]]:
         keys["ref_vs_naive"] = ratio(times, "naive", "xcross_ref")
         keys["served_vs_ref"] = ratio(times, "xcross_ref", "xcross")
         keys["bf16_autocast_speedup"] = timed_ratio("xcross", "xcross_autocast")
+        keys["bf16_pure_over_autocast"] = timed_ratio("xcross_bf16_autocast", "xcross_bf16")
         plain = lambda r: F.plain_flops(s.fp32.layers, *r.input_ids.shape, d)  # noqa: E731
         keys["plain_flop_efficiency"] = efficiency("plain", plain, peaks["fp32"])
         keys["plain_bf16_flop_efficiency"] = efficiency("plain_bf16", plain, peaks["bf16"])

@@ -16,7 +16,7 @@ import torch
 
 from model.backbone import Backbone
 from model.checkpoint import load_model, save_lora, save_xcross
-from model.inference import cast_frozen_, optimize_for_inference
+from model.inference import optimize_for_inference, serve_bf16_
 from model.lora import LoraWeights
 from model.prompts import prompt_text
 from model.reference import random_lora
@@ -86,7 +86,7 @@ def load(artifacts: Path, backbone: Backbone, kind: str = "xcross", form: str = 
     model, _ = load_model(artifacts / kind / domain, backbone, search=[artifacts / "lora"])
     if form != "ref":
         model = optimize_for_inference(model, streamwise=form == "served", packed=packed)
-    return cast_frozen_(model, torch.bfloat16) if bf16_weights else model.eval()
+    return serve_bf16_(model) if bf16_weights else model.eval()
 
 
 def source_loras(artifacts: Path, backbone: Backbone, domain: str = TARGET) -> list[LoraWeights]:

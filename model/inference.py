@@ -248,6 +248,22 @@ def optimize_for_inference(model: XCross, streamwise: bool = False, packed: bool
     return model.eval()
 
 
+def serve_bf16_(model: nn.Module) -> nn.Module:
+    """The bf16 form served on CPUs with bf16 matmuls (and on CUDA): frozen weights stored in bf16 and, in the
+    packed streamwise form, activations kept in bf16 from the embeddings to the head (`runs_pure_bf16`: call it
+    without autocast; autocast's casts around every layer norm and GELU cost ~10% on AMX). The integrators run on
+    bf16 activations, the head and the scores stay fp32. Other forms (grouped, GCA) run under bf16 autocast."""
+    cast_frozen_(model, torch.bfloat16)
+    if isinstance(model, StreamwiseXCross) and len(model.packed):
+        model.dtype = torch.bfloat16
+    return model
+
+
+def runs_pure_bf16(model: nn.Module) -> bool:
+    """True for a model `serve_bf16_` set to bf16 activations: run it without autocast."""
+    return isinstance(model, StreamwiseXCross) and model.dtype == torch.bfloat16
+
+
 def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Store the frozen linear weights of the encoder layers (and LoRA buffers) in `dtype`, in place, for autocast
     in that dtype; layer norms keep fp32 parameters (autocast runs them in fp32).

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from model.backbone import Backbone
+from model.inference import runs_pure_bf16
 from model.prompts import PromptBuilder, encode_pieces
 from service.cache import TokenCache
 from service.catalog import Catalogs, Resolved
@@ -69,7 +70,8 @@ class Runtime(Protocol):
 
 
 class TorchRuntime:
-    """The PyTorch models on one device; bf16 autocast when `precision == "bf16"` (head and scores stay fp32)."""
+    """The PyTorch models on one device; with `precision == "bf16"` the models `serve_bf16_` prepared (packed
+    streamwise forms: bf16 activations, no autocast; others: bf16 autocast). Head and scores stay fp32."""
 
     def __init__(self, models: Mapping[str, torch.nn.Module], device: str = "cpu", precision: str = "fp32",
                  backend: str | None = None):
@@ -81,8 +83,8 @@ class TorchRuntime:
     def __call__(self, domain: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         model = self.models[domain]
         ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
-        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
-                                                    enabled=self.precision == "bf16"):
+        autocast = self.precision == "bf16" and not runs_pure_bf16(model)  # bf16 end to end needs no autocast
+        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
             return model(ids, mask).float().cpu()  # (B,)
 
     def describe(self) -> dict[str, str]:

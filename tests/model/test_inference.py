@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.inference import FastIntegrator, StreamwiseXCross, cast_frozen_, optimize_for_inference
+from model.inference import (
+    FastIntegrator,
+    StreamwiseXCross,
+    cast_frozen_,
+    optimize_for_inference,
+    runs_pure_bf16,
+    serve_bf16_,
+)
 from model.lora import GroupedLoRALinear, LoraWeights
 from model.xcross import Integrator, XCross, XCrossConfig
 from tests.model.test_xcross import batch, random_lora, randomize_trainables
@@ -48,6 +55,28 @@ def test_bf16_weights_under_autocast_stay_close_and_the_head_stays_fp32():
         with torch.autocast("cpu", torch.bfloat16):
             got = model(ids, mask)
     assert got.dtype == torch.float32 and (got - want).abs().max() < 0.02 * want.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("family", ["bert", "deberta-v2"])
+def test_served_bf16_form_runs_bf16_end_to_end_where_packed(family):
+    """serve_bf16_: the packed streamwise form keeps bf16 activations (no autocast needed: a bf16 weight on an
+    fp32 activation would raise); other forms keep fp32 activations for autocast. Scores stay fp32 and close."""
+    bb = tiny_backbone(family)
+    model = XCross(bb, [random_lora(bb, 0), random_lora(bb, 1)], XCrossConfig(top_k=2)).eval()
+    randomize_trainables(model)
+    ids, mask = batch(bb)
+    with torch.no_grad():
+        want = model(ids, mask)
+        served = serve_bf16_(optimize_for_inference(model, streamwise=True))
+        assert runs_pure_bf16(served) == (family == "bert")  # DeBERTa is not packed
+        assert served.head.pooler.weight.dtype == torch.float32
+        if runs_pure_bf16(served):
+            got = served(ids, mask)  # no autocast
+        else:
+            with torch.autocast("cpu", torch.bfloat16):
+                got = served(ids, mask)
+    assert got.dtype == torch.float32 and (got - want).abs().max() < 0.02 * want.abs().max() + 1e-3
+    assert not runs_pure_bf16(model)
 
 
 @pytest.mark.parametrize("family", ["bert", "deberta-v2"])

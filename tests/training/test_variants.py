@@ -128,3 +128,14 @@ def test_evaluate_cli_prints_orthogonality_for_gca(ctx, weaverec):
     assert out.exit_code == 0, out.output
     last = json.loads(out.output.strip().splitlines()[-1])
     assert last["n_users"] == 3 and set(last["orthogonality"]) == {"1"}
+
+
+def test_gca_params_are_counted_from_the_recorded_config_when_the_checkpoint_is_elsewhere():
+    from training.variants import _gca_params
+
+    cfg = {"integrator": "gca", "n_streams": 2, "top_k": 0, "layers": [-1], "gca_act": "tanh", "gca_layer_norm": False}
+    d = 384  # MiniLM: per layer 6d^2 + 5d (+ 2d with LayerNorm), head d^2 + 2d + 1, w n
+    assert _gca_params(cfg, "minilm") == 6 * d * d + 5 * d + (d * d + 2 * d + 1) + 2
+    assert _gca_params({**cfg, "gca_layer_norm": True, "layers": [-2, -1]}, "minilm") == (
+        2 * (6 * d * d + 7 * d) + d * d + 2 * d + 1 + 2)
+    assert _gca_params({**cfg, "integrator": "xcross"}, "minilm") is None
