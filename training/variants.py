@@ -39,7 +39,7 @@ import torch
 import typer
 
 from model.checkpoint import load_lora, load_model, save_lora, save_weaverec
-from model.inference import optimize_for_inference
+from model.inference import optimize_for_inference, runs_pure_bf16, serve_bf16_
 from model.lora import LoraConfig, LoraWeights
 from model.source import SourceLoraModel
 from model.weaverec import LambdaMerge, merge_heads
@@ -294,22 +294,23 @@ def inference_cost(ctx: Context, target: str, models: dict[str, Path], n_users: 
                    reference: str = "LoRA") -> dict:
     """Forward time of each checkpoint's served CPU form (as service.loading builds it) on the same dev requests,
     relative to `reference` (the target LoRA, one stream); interleaved, median over repeats."""
-    bb = ctx.backbone()
+    from service.machine import cpu_bf16_flags, describe  # timings are only comparable within a run
+
+    bb = ctx.backbone(fresh=True)  # serve_bf16_ casts the shared frozen tensors
     cfg = ctx.preset.lora
+    bf16 = cfg.bf16 and bool(cpu_bf16_flags())  # as the service's `auto`: emulated bf16 is ~6x slower than fp32
     built = {}
     for label, path in models.items():
         model, _ = load_model(path, bb, search=[ctx.paths.artifacts / "lora"])
-        built[label] = optimize_for_inference(model, streamwise=True)
+        model = optimize_for_inference(model, streamwise=True)
+        built[label] = serve_bf16_(model) if bf16 else model  # as service.loading's torch-bf16 backend
     source = ctx.source(target, bb.tokenizer, cfg.max_len)
     batches = [source.builder.collate(source.prompts(u, u.candidates)) for u in ctx.dev(target, n_users)]  # CPU
-    from service.machine import cpu_bf16_flags, describe  # timings are only comparable within a run
-
-    bf16 = cfg.bf16 and bool(cpu_bf16_flags())  # as the service's `auto`: emulated bf16 is ~6x slower than fp32
     times: dict[str, list[float]] = {k: [] for k in built}
     for _ in range(repeats):
         for label, model in built.items():
             t0 = time.perf_counter()
-            with autocast(bf16, "cpu"):
+            with autocast(bf16 and not runs_pure_bf16(model), "cpu"):
                 for ids, mask in batches:
                     model(ids, mask)
             times[label].append(time.perf_counter() - t0)
@@ -318,6 +319,30 @@ def inference_cost(ctx: Context, target: str, models: dict[str, Path], n_users: 
     return {"ms_per_request": ms, "ratio": {k: v / ms[reference] for k, v in ms.items()}, "reference": reference,
             "users": len(batches), "repeats": repeats, "threads": torch.get_num_threads(), "bf16": bf16,
             "machine": describe(probe_load=True)}
+
+
+def gca_stand_ins(ctx: Context, target: str, have: set[str], root: Path) -> dict[str, Path]:
+    """Checkpoints with freshly initialised integrators for the GCA runs of `target` whose trained checkpoint is not
+    here (trained on a GPU machine that kept it): their recorded config on the same source LoRAs. A forward's time
+    does not depend on the weights' values, so these time the variant; the cost file lists them as `stand_ins`."""
+    from model.checkpoint import save_xcross
+    from model.xcross import XCross, XCrossConfig
+
+    out: dict[str, Path] = {}
+    p = ctx.preset.name
+    for path in sorted(ctx.paths.results.glob(f"{PREFIX}gca-*-{target}-{p}.json")):
+        label = path.stem.removeprefix(PREFIX).removesuffix(f"-{target}-{p}")
+        res = load_result(path)
+        if label in have or (label == "gca-sigmoid-ln" and "GCA" in have) or "config" not in res:
+            continue
+        bb = ctx.backbone()
+        dirs = [ctx.paths.lora(s) for s in res["sources"]]
+        loras = [load_lora(d, bb)[0] for d in dirs]
+        torch.manual_seed(0)
+        model = XCross(bb, loras, XCrossConfig(**res["config"]))
+        out[label] = save_xcross(root / label, model, bb, target=target,
+                                 sources=list(zip(res["sources"], dirs, strict=True)))
+    return out
 
 
 def measure_costs(ctx: Context, target: str, n_users: int = 20, repeats: int = 3) -> dict:
@@ -329,8 +354,10 @@ def measure_costs(ctx: Context, target: str, n_users: int = 20, repeats: int = 3
     for path in sorted(ctx.paths.runs.glob(f"{PREFIX}gca-*-{target}-{p}/model")):
         found[path.parent.name.removeprefix(PREFIX).removesuffix(f"-{target}-{p}")] = path
     models = {k: v for k, v in found.items() if (v / "manifest.json").is_file()}
-    res = inference_cost(ctx, target, models, n_users, repeats)
-    res.update(ctx.meta(kind=f"{PREFIX}cost", target=target, models={k: str(v) for k, v in models.items()}))
+    stand_ins = gca_stand_ins(ctx, target, set(models), ctx.paths.runs / f"{PREFIX}cost-stand-ins-{target}-{p}")
+    res = inference_cost(ctx, target, {**models, **stand_ins}, n_users, repeats)
+    res.update(ctx.meta(kind=f"{PREFIX}cost", target=target, models={k: str(v) for k, v in models.items()},
+                        stand_ins=sorted(stand_ins)))
     path = ctx.paths.results / f"{PREFIX}cost-{target}-{p}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1) + "\n")
@@ -405,8 +432,10 @@ def markdown_section(results: Path | None = None, preset: str = "cpu", targets: 
              "target (X-Cross/GCA: integrators + w + head; WeaveRec: the target and hybrid LoRAs + heads, + lambda "
              "when learned; naive merge: the target LoRA). Cost: the served CPU form's forward time per 30-prompt "
              "request relative to the target LoRA's single stream, measured in one run "
-             f"(`results/{PREFIX}cost-<T>-<preset>.json`). |cos|: GCA's mean_t |cos(X_t, A_t)| per integrated layer "
-             "on the dev users. GCA is reconstructed from summaries of paper 002.", ""]
+             f"(`results/{PREFIX}cost-<T>-<preset>.json`; bf16 as served where the CPU has bf16 matmuls; "
+             "\"stand-in weights\": a GCA option whose trained checkpoint stayed on the GPU machine, timed with "
+             "fresh integrators of its recorded config, which costs the same). |cos|: GCA's mean_t |cos(X_t, A_t)| "
+             "per integrated layer on the dev users. GCA is reconstructed from summaries of paper 002.", ""]
     corr_points: dict[str, list[tuple[float, float]]] = {}
     backbones = {load_result(p).get("backbone") for t in targets for p in [results / f"xcross-{t}-{preset}.json",
                                                                          *results.glob(f"{PREFIX}*-{t}-{vp}.json")]
@@ -416,7 +445,8 @@ def markdown_section(results: Path | None = None, preset: str = "cpu", targets: 
         ref_path = results / f"xcross-{target}-{preset}.json"
         ref = load_result(ref_path) if ref_path.exists() else None
         cost_paths = [results / f"{PREFIX}cost-{target}-{n}.json" for n in dict.fromkeys([vp, preset])]
-        cost = next((load_result(p)["ratio"] for p in cost_paths if p.exists()), {})
+        cost_res = next((load_result(p) for p in cost_paths if p.exists()), {})
+        cost, stand_ins = cost_res.get("ratio", {}), set(cost_res.get("stand_ins", ()))
         lines += [f"### {target}", "",
                   "| model | preset | Hit@1 | Hit@3 | Hit@10 | MRR@10 | p Hit@1 | p MRR@10 | trainable params "
                   "| cost vs LoRA | mean abs cos per layer |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -442,6 +472,7 @@ def markdown_section(results: Path | None = None, preset: str = "cpu", targets: 
                 cells.append(value)
             pvals = pvals or ["", ""]
             c = f"{cost[cost_key]:.2f}x" if cost_key in cost else "not measured"
+            c += " (stand-in weights)" if cost_key in stand_ins else ""
             orth = res.get("orthogonality") or {}
             o = ", ".join(f"L{k}: {v:.3f}" for k, v in orth.items())
             if orth:
