@@ -34,7 +34,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--artifacts", type=Path, default=None, help="trained checkpoint root (default: random ones)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "performance.md",
                    help="report of a full run (with PNG plots beside it)")
-    p.add_argument("--reps", type=int, default=None, help="timed rounds per comparison (default 5 quick, 7 full)")
+    p.add_argument("--reps", type=int, default=None, help="timed rounds per comparison (default 5 quick, 11 full)")
     p.add_argument("--users", type=int, default=500, help="dev users for the accuracy comparison (full run)")
     p.add_argument("--threads", type=int, default=0, help="torch / ORT intra-op threads (default: torch's default)")
     p.add_argument("--no-service", action="store_true", help="skip the service comparisons")
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     contended = machine["busy_cores_before"] >= 0.5
     log(f"{machine['cpu']}: flags {' '.join(k for k, v in machine['flags'].items() if v)}; {threads} threads; "
         f"{machine['busy_cores_before']} cores busy with other work{' (CONTENDED)' if contended else ''}")
-    reps = args.reps or (5 if args.quick else 7)
+    reps = args.reps or (5 if args.quick else 11)
 
     from bench import forward, serving
     from bench.models import dev_requests, random_artifacts

@@ -2,7 +2,7 @@
 machine does (another process, the CPU clock) hits all of them alike; one warm-up round is not counted.
 
     times = interleave({"fp32": lambda i: f(i), "bf16": lambda i: g(i)}, reps=5)   # i = the round's index
-    ratio(times, "fp32", "bf16")                                                  # median(fp32) / median(bf16)
+    ratio(times, "fp32", "bf16")                          # median over rounds of fp32[r] / bf16[r]
 """
 
 from __future__ import annotations
@@ -35,5 +35,11 @@ def median(xs: list[float]) -> float:
 
 
 def ratio(times: Mapping[str, list[float]], slow: str, fast: str) -> float:
-    """median(slow) / median(fast): how many times faster `fast` is."""
-    return median(times[slow]) / median(times[fast])
+    """How many times faster `fast` is: the median over rounds of slow[r] / fast[r]. Both ran on the same input in
+    the same round, so the round's request length and the machine's state at that moment cancel in each ratio
+    (a ratio of the two medians can pair a long request's time with a short one's); lists of different lengths
+    fall back to median(slow) / median(fast)."""
+    a, b = times[slow], times[fast]
+    if len(a) != len(b) or not a:
+        return median(a) / median(b)
+    return median([x / y for x, y in zip(a, b, strict=True)])

@@ -290,10 +290,11 @@ def train_gca(ctx: Context, target: str, act: str = "sigmoid", layer_norm: bool 
 
 
 @torch.inference_mode()
-def inference_cost(ctx: Context, target: str, models: dict[str, Path], n_users: int = 20, repeats: int = 3,
+def inference_cost(ctx: Context, target: str, models: dict[str, Path], n_users: int = 20, repeats: int = 5,
                    reference: str = "LoRA") -> dict:
     """Forward time of each checkpoint's served CPU form (as service.loading builds it) on the same dev requests,
-    relative to `reference` (the target LoRA, one stream); interleaved, median over repeats."""
+    relative to `reference` (the target LoRA, one stream); interleaved rounds, each ratio the median over rounds of
+    the round's two times (paired), the ms the median per request."""
     from service.machine import cpu_bf16_flags, describe  # timings are only comparable within a run
 
     bb = ctx.backbone(fresh=True)  # serve_bf16_ casts the shared frozen tensors
@@ -315,8 +316,9 @@ def inference_cost(ctx: Context, target: str, models: dict[str, Path], n_users: 
                     model(ids, mask)
             times[label].append(time.perf_counter() - t0)
     ms = {k: 1000 * float(np.median(v)) / len(batches) for k, v in times.items()}
+    paired = {k: float(np.median(np.array(v) / np.array(times[reference]))) for k, v in times.items()}  # per round
 
-    return {"ms_per_request": ms, "ratio": {k: v / ms[reference] for k, v in ms.items()}, "reference": reference,
+    return {"ms_per_request": ms, "ratio": paired, "reference": reference,
             "users": len(batches), "repeats": repeats, "threads": torch.get_num_threads(), "bf16": bf16,
             "machine": describe(probe_load=True)}
 
@@ -345,7 +347,7 @@ def gca_stand_ins(ctx: Context, target: str, have: set[str], root: Path) -> dict
     return out
 
 
-def measure_costs(ctx: Context, target: str, n_users: int = 20, repeats: int = 3) -> dict:
+def measure_costs(ctx: Context, target: str, n_users: int = 20, repeats: int = 5) -> dict:
     """The served cost of every variant checkpoint found for `target`, vs its LoRA; results/variants-cost-<T>.json"""
     p = ctx.preset.name
     found = {"LoRA": ctx.paths.lora(target), "X-Cross": ctx.paths.xcross(target),
