@@ -6,6 +6,7 @@
   threads       1 vs 2 intra-op threads
   malloc        glibc's default mmap behaviour vs service.machine.tune_malloc, at 30 and 60 prompts (subprocesses)
   compile       torch.compile (inductor) of the grouped forward vs eager
+  profile       the served bf16 X-Cross under torch.profiler: each top op's share of the time
 """
 
 from __future__ import annotations
@@ -155,11 +156,29 @@ def compiled(s: Setup, models: dict[str, Any], reps: int) -> dict[str, Any]:
     return {"compile_s": compile_s, "speedup": ratio(times, "eager", "compiled")}
 
 
+def profile(s: Setup, models: dict[str, Any], reps: int, requests: int = 3, top: int = 7) -> dict[str, float]:
+    """Where the served bf16 X-Cross spends its time: torch.profiler over a few requests, each top op's share of
+    the self CPU time (`addmm` = the linear layers, `_scaled_dot_product_flash_attention_for_cpu` = attention)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    call = _call(models["xcross_bf16"], True)
+    batches = [(r.input_ids, r.attention_mask) for r in s.requests[:requests]]
+    call(batches[0])  # warm
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for b in batches:
+            call(b)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+    return {e.key.removeprefix("aten::"): e.self_cpu_time_total / total for e in ranked}
+
+
 def run_all(s: Setup, details: dict[str, Any], reps: int, log: Callable[[str], None] = print) -> dict[str, Any]:
     models = details["info"]["models"]
     out: dict[str, Any] = {}
     for name, fn in (("batch_sizes", batch_sizes), ("packing", packing), ("sort", sort_buckets),
-                     ("threads", threads), ("malloc", malloc), ("compile", compiled)):
+                     ("threads", threads), ("malloc", malloc), ("compile", compiled), ("profile", profile)):
         log(f"explore: {name}")
         t0 = time.perf_counter()
         try:
