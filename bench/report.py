@@ -40,7 +40,7 @@ VARIANTS = {
     "xcross_bf16": "X-Cross, served bf16 form: bf16 weights and activations end to end, no autocast",
     "xcross_bf16_autocast": "X-Cross, served form, bf16 weights under bf16 autocast (the form served before)",
     "xcross_autocast": "X-Cross, served form, bf16 autocast with fp32 weights",
-    "single_bf16": "one source LoRA, served form, bf16 autocast + bf16 weights",
+    "single_bf16": "one source LoRA, served bf16 form (as xcross_bf16)",
     "ort_fp32": "X-Cross (grouped form) exported to ONNX, ONNX Runtime fp32",
     "ort_int8": "X-Cross (grouped form) exported to ONNX, ONNX Runtime dynamic int8",
     "plain": "MiniLM alone (no LoRA, no head), fp32",
@@ -217,8 +217,8 @@ def notes(keys: dict[str, Any], report: dict[str, Any]) -> list[str]:
         "tokenizer call (token ids come from the cache).",
         f"- **bf16** ({k('bf16_speedup')}x on X-Cross): the served bf16 form (`model.inference.serve_bf16_`) "
         "stores the frozen weights in bf16 and keeps the activations in bf16 from the embeddings to the head, "
-        "without autocast (whose casts around every layer norm and GELU it saves: "
-        f"{k('bf16_pure_over_autocast')}x over bf16 weights under autocast); head and scores stay fp32. Its "
+        "without autocast's casts around every layer norm and GELU (this run: "
+        f"{k('bf16_pure_over_autocast')}x the speed of bf16 weights under autocast); head and scores stay fp32. Its "
         f"Hit@1 moves {k('bf16_hit1_diff')} points from fp32 on the accuracy users (top-1 agreement "
         f"{k('bf16_top1_agreement')}). `bf16_flop_efficiency` ({k('bf16_flop_efficiency')}): in the profile "
         f"above the linear layers (`addmm`) take {share('addmm')} of the time and run near the bf16 peak; "
