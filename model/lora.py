@@ -63,6 +63,11 @@ class LoraWeights:
     def layer_index(self, module: str) -> int:
         return int(re.search(r"\.layer\.(\d+)\.", f".{module}").group(1))
 
+    def top_layers(self, k: int, num_layers: int) -> LoraWeights:
+        """The same adapter on the top `k` of `num_layers` layers only (the lower layers' deltas dropped)."""
+        keep = [m for m in self.A if self.layer_index(m) >= num_layers - k]
+        return LoraWeights({m: self.A[m] for m in keep}, {m: self.B[m] for m in keep}, self.scale, dict(self.meta))
+
     @classmethod
     def from_peft(cls, peft_model: nn.Module, adapter: str = "default") -> LoraWeights:
         """Read an adapter out of a peft model; module paths relative to the encoder (e.g. encoder.layer.0...)."""

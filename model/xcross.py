@@ -35,6 +35,8 @@ class XCrossConfig:
     layers: tuple[int, ...] = ()  # integrated layers by index (-1 = top) instead of the top-K; empty = top_k
     gca_act: str = "sigmoid"  # GCA gate activation: sigmoid | tanh
     gca_layer_norm: bool = True  # GCA: LayerNorm on the queries
+    lora_top: int = 0  # keep the source LoRAs on the top N layers only (0 = all): the lower layers run once for
+    #                    all streams (the shared-lower-layers option; LoRAs trained on all layers, truncated)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))  # JSON manifests give lists
@@ -46,6 +48,8 @@ class XCrossConfig:
             raise ValueError("XCrossConfig: a single stream has nothing to integrate; set top_k=0")
         if self.integrator not in ("xcross", "gca"):
             raise ValueError(f"XCrossConfig.integrator {self.integrator!r}: use xcross or gca")
+        if self.lora_top < 0:
+            raise ValueError(f"XCrossConfig.lora_top must be >= 0 (got {self.lora_top}; 0 keeps every LoRA layer)")
         if self.gca_act not in ("sigmoid", "tanh"):
             raise ValueError(f"XCrossConfig.gca_act {self.gca_act!r}: use sigmoid or tanh")
 
@@ -137,6 +141,11 @@ class XCross(nn.Module):
         if len(loras) != config.n_streams:
             raise ValueError(f"XCrossConfig.n_streams={config.n_streams} but {len(loras)} LoRAs were given")
         self.config, self.d, self.num_layers = config, backbone.hidden_size, backbone.num_layers
+        if config.lora_top:
+            if config.lora_top > self.num_layers:
+                raise ValueError(f"XCrossConfig.lora_top={config.lora_top} exceeds the backbone's {self.num_layers} "
+                                 "layers")
+            loras = [x.top_layers(config.lora_top, self.num_layers) for x in loras]
         self.layer_ids = config.integrated_layers(self.num_layers)
         fold_at = self.layer_ids[0] if self.layer_ids else None
         self.encoder = MultiLoraEncoder(backbone, loras, fold_at)

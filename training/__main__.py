@@ -161,6 +161,9 @@ def train_xcross_cmd(target: Annotated[str, typer.Option(callback=_domain)], pre
                      beta: Annotated[float | None, typer.Option(help="direct-influence strength (0 = -Experts)")]
                      = None,
                      head_only: Annotated[bool, typer.Option("--head-only", help="Pooler+Scorer baseline")] = False,
+                     lora_top: Annotated[int, typer.Option(
+                         help="keep the source LoRAs on the top N layers only (0 = all): the shared-lower-layers "
+                              "option, lower layers run once for all streams")] = 0,
                      name: Annotated[str, typer.Option(help="run name; 'xcross' saves to artifacts/xcross")]
                      = "xcross",
                      resume: ResumeOpt = False, seed: SeedOpt = 0, quiet: QuietOpt = False,
@@ -173,7 +176,7 @@ def train_xcross_cmd(target: Annotated[str, typer.Option(callback=_domain)], pre
     ctx = _ctx(preset, quiet, seed, artifacts, results, runs, data, overrides, tag)
     srcs = [_domain(s) for s in sources.split(",")] if sources else chosen_sources(ctx, target)
     out = train_xcross(ctx, target, srcs[:n_sources], top_k, gamma, head_only, name, resume, max_steps=max_steps,
-                       beta=beta)
+                       beta=beta, integrator={"lora_top": lora_top} if lora_top else None)
     _report_training(f"{name} {target}", out)
 
 

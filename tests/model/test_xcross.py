@@ -168,6 +168,37 @@ def test_lower_layers_run_once_when_loras_adapt_only_the_top():
         torch.testing.assert_close(model(ids, mask), shared, atol=1e-5, rtol=0)
 
 
+def test_lora_top_truncates_full_loras_to_the_top_layers_and_survives_a_checkpoint(tmp_path):
+    """XCrossConfig.lora_top=1 on LoRAs trained on both layers = the same model built from the layer-1 deltas by
+    hand; the truncation is part of the config, so a saved and reloaded checkpoint scores the same."""
+    from model.checkpoint import load_model, save_lora, save_xcross
+    from model.xcross import Head
+
+    bb = tiny_backbone("bert")
+    full = [random_lora(bb, s) for s in range(2)]
+    by_hand = [LoraWeights({k: x.A[k] for k in x.A if ".layer.1." in k}, {k: x.B[k] for k in x.B if ".layer.1." in k},
+                           x.scale) for x in full]
+    model = XCross(bb, full, XCrossConfig(top_k=1, lora_top=1)).eval()
+    from model.lora import GroupedLoRALinear
+
+    adapted = [any(isinstance(m, GroupedLoRALinear) for m in layer.modules()) for layer in model.encoder.layers]
+    assert model.encoder.fold_at == 1 and adapted == [False, True]
+    randomize_trainables(model)
+    want = XCross(bb, by_hand, XCrossConfig(top_k=1)).eval()
+    want.load_state_dict(model.state_dict())
+    ids, mask = batch(bb)
+    dirs = [save_lora(tmp_path / f"lora{s}", full[s], Head(bb.hidden_size), bb, domain=f"D{s}",
+                      lora_config={"r": 16, "alpha": 32}) for s in range(2)]
+    save_xcross(tmp_path / "x", model, bb, target="T", sources=[(f"D{s}", dirs[s]) for s in range(2)])
+    loaded, _ = load_model(tmp_path / "x", bb)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask), want(ids, mask), atol=1e-6, rtol=0)
+        torch.testing.assert_close(loaded.eval()(ids, mask), want(ids, mask), atol=1e-6, rtol=0)
+    assert loaded.config.lora_top == 1
+    with pytest.raises(ValueError, match="lora_top"):
+        XCross(bb, full, XCrossConfig(top_k=1, lora_top=3))
+
+
 def test_mean_of_loras_is_the_mean_delta():
     bb = tiny_backbone("bert")
     a, b = random_lora(bb, 0), random_lora(bb, 1)
