@@ -68,3 +68,23 @@ def test_gpu_section_renders_the_recorded_gpu_run_with_verdicts(tmp_path):
     assert "| `xcross_over_plain60` | 1.1 | <= 1.15 | met |" in text
     assert "| `grouped_vs_naive` | 1.2 | >= 1.5 | missed |" in text
     assert "capture failed (RuntimeError: boom)" in text and "60 prompts cost 1.9x of 30" in text
+
+
+def test_shared3_accuracy_compares_the_truncated_run_with_full_xcross(tmp_path):
+    from bench.report import shared3_accuracy
+
+    assert shared3_accuracy(tmp_path)[1] is None
+    ranks = [1, 2, 5, 1, 12, 3, 1, 7, 2, 4] * 5
+
+    def result(name, rs):
+        hit1 = 100 * sum(r == 1 for r in rs) / len(rs)
+        per_user = [{"user": str(i), "rank": r} for i, r in enumerate(rs)]
+        metrics = {"hit@1": hit1, "mrr@10": 20.0, "n_users": len(rs)}
+        (tmp_path / f"{name}-Tools-cpu.json").write_text(json.dumps({"metrics": metrics, "per_user": per_user}))
+
+    result("xcross", ranks)
+    result("shared3", ranks[:-1] + [1])  # one user better: no significant change
+    text, kept = shared3_accuracy(tmp_path)
+    assert kept is True and "no significant loss" in text
+    result("shared3", [r + 20 for r in ranks])  # every target pushed out of the top 10: a loss
+    assert shared3_accuracy(tmp_path)[1] is False
