@@ -153,7 +153,10 @@ def write_report(path: Path, keys: dict[str, Any], machine: dict[str, Any], repo
           f"{keys['seconds']:.0f} s. Every ratio compares two things timed in this run, in interleaved rounds "
           f"on requests of 30 candidates from real Tools dev users: the median over {len(next(iter(times.values())))} "
           "rounds (one warm-up round excluded) of the two times on that round's request. Times below are "
-          "medians.", "",
+          "medians. The target ratios of two forwards are timed as a pair alone (their two sides interleaved); "
+          "the variants table comes from one round of all the variants, where each forward follows a dozen "
+          "others that evict its weights from the caches (`<key>_in_round` in the raw keys: the same ratio "
+          "there).", "",
           "## Machine", "",
           f"- CPU: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}, "
           f"{keys['threads']} intra-op thread(s); glibc malloc tuning {'on' if machine['malloc_tuned'] else 'off'}",
