@@ -15,7 +15,6 @@ import os
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ import torch
 from bench.forward import Setup
 from bench.models import Request, load
 from bench.timing import interleave, median, ratio
-from model.inference import runs_pure_bf16
+from model.inference import serving_autocast
 from model.onnx_export import run, session
 
 
@@ -45,10 +44,9 @@ def collate(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _call(model: Callable, bf16: bool) -> Callable[[tuple[torch.Tensor, torch.Tensor]], Any]:
     """batch -> scores; `bf16`: under autocast unless the model runs bf16 end to end (`serve_bf16_`)."""
-    autocast = bf16 and not (isinstance(model, torch.nn.Module) and runs_pure_bf16(model))
 
     def call(batch: tuple[torch.Tensor, torch.Tensor]) -> Any:
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16) if autocast else nullcontext():
+        with torch.inference_mode(), serving_autocast(model, "cpu", bf16):
             return model(*batch)
 
     return call

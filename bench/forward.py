@@ -32,7 +32,7 @@ from bench import flops as F
 from bench.models import Request, load, source_loras
 from bench.timing import interleave, median, ratio
 from model.backbone import Backbone
-from model.inference import runs_pure_bf16
+from model.inference import serving_autocast
 from model.onnx_export import export_onnx, quantize_int8, run, session
 from model.reference import NaiveXCross
 from training.evaluate import metrics_from_ranks, rank_of_target
@@ -56,11 +56,9 @@ class Setup:
 
 def _torch(model: Callable, bf16: bool = False) -> Callable[[Request], np.ndarray]:
     """request -> scores; `bf16`: under bf16 autocast unless the model runs bf16 end to end (`serve_bf16_`)."""
-    autocast = bf16 and not (isinstance(model, torch.nn.Module) and runs_pure_bf16(model))
 
     def call(req: Request) -> np.ndarray:
-        ctx = torch.autocast("cpu", torch.bfloat16) if autocast else nullcontext()
-        with torch.inference_mode(), ctx:
+        with torch.inference_mode(), serving_autocast(model, "cpu", bf16):
             return model(req.input_ids, req.attention_mask).float().numpy()
 
     return call
@@ -145,10 +143,12 @@ def run_suite(s: Setup, reps: int) -> tuple[dict[str, float], dict[str, Any]]:
     def timed_ratio(a: str, b: str) -> float | None:  # None where a side was not timed (bf16 without native bf16)
         return ratio(times, a, b) if a in times and b in times else None
 
-    def efficiency(name: str, count: Callable[[Request], float], peak: float | None) -> float | None:
-        if name not in times or peak is None:  # bf16 not timed on a CPU without native bf16
+    def efficiency(name: str, count: Callable[[Request], float], peak: float | None,
+                   timed: list[float] | None = None) -> float | None:  # `timed`: other rounds (a pair alone)
+        timed = times.get(name) if timed is None else timed
+        if timed is None or peak is None:  # bf16 not timed on a CPU without native bf16
             return None
-        return median([count(r) / t / 1e9 for r, t in zip(used, times[name], strict=True)]) / peak
+        return median([count(r) / t / 1e9 for r, t in zip(used, timed, strict=True)]) / peak
 
     flops_x = lambda r: F.xcross_flops(xcross, r.attention_mask)  # noqa: E731
     keys = {
@@ -186,8 +186,8 @@ def run_suite(s: Setup, reps: int) -> tuple[dict[str, float], dict[str, Any]]:
         keys["plain_bf16_flop_efficiency"] = efficiency("plain_bf16", plain, peaks["bf16"])
         keys["plain_bf16_speedup"] = timed_ratio("plain", "plain_bf16")
     if not s.quick:
-        keys.update(paired_targets(variants, reqs, reps, keys, efficiency=lambda name, t, peak: median(
-            [flops_x(r) / x / 1e9 for r, x in zip(used, t, strict=True)]) / peak if peak else None, peaks=peaks))
+        keys.update(paired_targets(variants, reqs, reps, keys, peaks,
+                                   lambda name, timed, peak: efficiency(name, flops_x, peak, timed)))
     details = {"times": times, "outputs": outputs, "used": used, "info": info, "peaks": peaks,
                "gflop_xcross": median([flops_x(r) / 1e9 for r in used])}
     return keys, details
@@ -200,7 +200,7 @@ PAIRS = {"fast_vs_naive": ("naive", "xcross"), "xcross_over_single": ("xcross", 
 
 
 def paired_targets(variants: dict[str, Callable[[Request], np.ndarray]], reqs: list[Request], reps: int,
-                   keys: dict[str, Any], efficiency: Callable, peaks: dict[str, float | None]) -> dict[str, Any]:
+                   keys: dict[str, Any], peaks: dict[str, float | None], efficiency: Callable) -> dict[str, Any]:
     """Each target's two sides interleaved alone (same rounds and requests). In the round of all variants each one
     runs after a dozen others whose weights (~0.5 GB in all) evict its own from the caches, so every forward there
     is cold; a service runs its model warm. The round's value stays as `<key>_in_round`; the flop efficiencies

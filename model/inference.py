@@ -259,9 +259,15 @@ def serve_bf16_(model: nn.Module) -> nn.Module:
     return model
 
 
-def runs_pure_bf16(model: nn.Module) -> bool:
+def runs_pure_bf16(model: object) -> bool:
     """True for a model `serve_bf16_` set to bf16 activations: run it without autocast."""
     return isinstance(model, StreamwiseXCross) and model.dtype == torch.bfloat16
+
+
+def serving_autocast(model: object, device_type: str, bf16: bool):
+    """The context to call a served model in: bf16 autocast when `bf16`, except for a model that already runs bf16
+    end to end (`serve_bf16_`), which needs none."""
+    return torch.autocast(device_type, torch.bfloat16, enabled=bf16 and not runs_pure_bf16(model))
 
 
 def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> nn.Module:

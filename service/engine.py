@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from model.backbone import Backbone
-from model.inference import runs_pure_bf16
+from model.inference import serving_autocast
 from model.prompts import PromptBuilder, encode_pieces
 from service.cache import TokenCache
 from service.catalog import Catalogs, Resolved
@@ -83,8 +83,7 @@ class TorchRuntime:
     def __call__(self, domain: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         model = self.models[domain]
         ids, mask = input_ids.to(self.device), attention_mask.to(self.device)
-        autocast = self.precision == "bf16" and not runs_pure_bf16(model)  # bf16 end to end needs no autocast
-        with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16, enabled=autocast):
+        with torch.inference_mode(), serving_autocast(model, self.device.type, self.precision == "bf16"):
             return model(ids, mask).float().cpu()  # (B,)
 
     def describe(self) -> dict[str, str]:

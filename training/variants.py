@@ -39,7 +39,7 @@ import torch
 import typer
 
 from model.checkpoint import load_lora, load_model, save_lora, save_weaverec
-from model.inference import optimize_for_inference, runs_pure_bf16, serve_bf16_
+from model.inference import optimize_for_inference, serve_bf16_, serving_autocast
 from model.lora import LoraConfig, LoraWeights
 from model.source import SourceLoraModel
 from model.weaverec import LambdaMerge, merge_heads
@@ -311,7 +311,7 @@ def inference_cost(ctx: Context, target: str, models: dict[str, Path], n_users: 
     for _ in range(repeats):
         for label, model in built.items():
             t0 = time.perf_counter()
-            with autocast(bf16 and not runs_pure_bf16(model), "cpu"):
+            with serving_autocast(model, "cpu", bf16):
                 for ids, mask in batches:
                     model(ids, mask)
             times[label].append(time.perf_counter() - t0)
