@@ -10,6 +10,8 @@ from typing import Any
 
 from bench.timing import median
 
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # training and GPU result files read by the report
+
 # (key, target as written in issue 7, predicate)
 TARGETS = [
     ("fast_vs_naive", ">= 1.0, same scores", lambda v: v >= 1.0),
@@ -54,7 +56,7 @@ def shared3_accuracy(results: Path | None = None) -> tuple[str, bool | None]:
     full X-Cross on the same dev users: (sentence, kept: no significant change on Hit@1 and MRR@10; None: no run)."""
     from training.evaluate import load_result, paired_ttest
 
-    results = results or GPU_RESULTS
+    results = results or RESULTS
     runs = [results / "shared3-Tools-cpu.json", results / "xcross-Tools-cpu.json"]
     if not all(p.exists() for p in runs):
         return "accuracy not measured (train-xcross --top-k 3 --lora-top 3 --name shared3)", None
@@ -288,10 +290,7 @@ def notes(keys: dict[str, Any], report: dict[str, Any]) -> list[str]:
     ] + gpu_section()
 
 
-GPU_RESULTS = Path(__file__).resolve().parents[1] / "results"
-
-
-def gpu_section(results: Path = GPU_RESULTS) -> list[str]:
+def gpu_section(results: Path = RESULTS) -> list[str]:
     """The latest `bash bench/gpu.sh` run on a lent GPU (results/bench-gpu-*.json), or why there is none."""
     runs = sorted(results.glob("bench-gpu-*.json"))
     if not runs:
