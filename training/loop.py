@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from model.fast_lora import frozen_eval_
 from model.xcross import listwise_loss
 from training.data import PopularitySampler, User
 from training.evaluate import PromptBatches, autocast, evaluate_users, step_batched, to_device
@@ -152,7 +153,7 @@ def train(model: nn.Module, source: PromptBatches, users: list[User], popularity
     rank, world = dist_world()
     run_dir.mkdir(parents=True, exist_ok=True)
     to_device(model)
-    batched = step_batched()
+    batched = step_batched() or (cfg.fast_path and getattr(model, "step_batched", False))
     params = trainable(model)
     groups = [
         {"params": [p for k, p in params.items() if not k.startswith(head_prefix)], "lr": cfg.lr, "base_lr": cfg.lr},
@@ -172,6 +173,8 @@ def train(model: nn.Module, source: PromptBatches, users: list[User], popularity
     stop, end = False, total if max_steps is None else min(total, state.step + max_steps)
     while state.step < end and not stop:
         model.train()
+        if cfg.fast_path:
+            frozen_eval_(model)  # no dropout on the frozen base
         step_users = plan[state.step * cfg.users_per_step : (state.step + 1) * cfg.users_per_step]
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * _lr_factor(state.step, total, cfg.warmup_steps, cycle)

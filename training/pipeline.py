@@ -23,6 +23,7 @@ import torch
 
 from model.backbone import Backbone, load_backbone
 from model.checkpoint import load_lora, load_model, read_manifest, save_lora, save_xcross
+from model.fast_lora import FastLoraModel, xcross_training_form
 from model.lora import LoraConfig, LoraWeights
 from model.source import SourceLoraModel
 from model.xcross import Head, XCross, XCrossConfig
@@ -138,6 +139,20 @@ def _train_then_evaluate(ctx: Context, model, source: PromptSource, users: list,
     return state, evaluate_users(model, source, ctx.dev(domain, cfg.dev_users), cfg.bf16, ctx.progress, "dev")
 
 
+def source_model(bb: Backbone, cfg: TrainConfig) -> tuple[torch.nn.Module, LoraConfig]:
+    """The source LoRA trainer of a config: the fast path (model/fast_lora.py, no dropout, LoRA on the top
+    `lora_layers`; frozen weights in bf16 under `bf16`: give it a backbone of its own) or the first wave's peft
+    model (dropout 0.1 on the base and the LoRA input)."""
+    if cfg.fast_path:
+        lora_cfg = LoraConfig(dropout=0.0, targets=bb.lora_targets_top(cfg.lora_layers))
+        model = FastLoraModel(bb, lora_cfg, top_k=cfg.lora_layers, pooling=cfg.pooling)
+        return (model.frozen_bf16_() if cfg.bf16 else model), lora_cfg
+    if cfg.pooling != "cls":
+        raise ValueError(f"pooling={cfg.pooling!r} needs the fast path (fast_path=true)")
+    lora_cfg = LoraConfig(targets=bb.lora_targets_top(cfg.lora_layers))
+    return SourceLoraModel(bb, lora_cfg), lora_cfg
+
+
 def train_lora(ctx: Context, domain: str, resume: bool = False, out: Path | None = None,
                train_users: list | None = None, run_name: str | None = None, max_steps: int | None = None) -> dict:
     """Fine-tune one LoRA + head on a domain; save the checkpoint and its dev metrics."""
@@ -147,8 +162,7 @@ def train_lora(ctx: Context, domain: str, resume: bool = False, out: Path | None
     users = train_users if train_users is not None else users
     source = ctx.source(domain, bb.tokenizer, cfg.max_len)
     torch.manual_seed(ctx.seed)
-    lora_cfg = LoraConfig(targets=bb.lora_targets_top(cfg.lora_layers))
-    model = SourceLoraModel(bb, lora_cfg)
+    model, lora_cfg = source_model(bb, cfg)
     run_dir = ctx.paths.runs / (run_name or f"lora-{domain}-{ctx.preset.name}")
     state, dev = _train_then_evaluate(ctx, model, source, users, val, domain, cfg, run_dir, resume, max_steps)
     if dev is None:
@@ -243,7 +257,8 @@ def train_xcross(ctx: Context, target: str, sources: list[str] | None = None, to
     users = train_users if train_users is not None else users
     source = ctx.source(target, bb.tokenizer, cfg.max_len)
     run_dir = ctx.paths.runs / f"{name}-{target}-{ctx.preset.name}"
-    state, dev = _train_then_evaluate(ctx, model, source, users, val, target, cfg, run_dir, resume, max_steps)
+    trainer = xcross_training_form(model, cfg.bf16) if cfg.fast_path else model  # same trainable tensors, packed forward
+    state, dev = _train_then_evaluate(ctx, trainer, source, users, val, target, cfg, run_dir, resume, max_steps)
     if dev is None:
         return {"finished": state.finished, "step": state.step, "wall_s": state.wall_s, "out": None}
     meta = ctx.meta(kind=name, target=target, sources=sources, config=xcfg.to_dict(), head_only=head_only,

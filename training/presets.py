@@ -27,6 +27,9 @@ class TrainConfig:
     save_every: int  # optimizer steps between resumable checkpoints
     lora_layers: int = 0  # source LoRAs on the top-k layers only (0 = every layer); lower layers then run once
     lr_restarts: bool = False  # restart the linear decay at every epoch (epoch 1 = a one-epoch run's schedule)
+    fast_path: bool = True  # model/fast_lora.py: no dropout, packed layers, a step's prompts in one forward; False =
+    #                         the first wave's peft path (dropout 0.1 on base and LoRA, users one by one)
+    pooling: str = "cls"  # source LoRAs' head input: "cls" (eq. 7 on [CLS]) or "mean" (masked token mean)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -108,9 +108,13 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     )
     assert one.keys() == two.keys()
     # The scorer bias b_c has a zero gradient under the listwise loss (softmax is shift-invariant): its updates are
-    # Adam-normalised float noise of either sign, so it is compared only to the learning-rate scale.
+    # Adam-normalised float noise of either sign, so it is compared only to the learning-rate scale. The other
+    # tensors: the fast path runs each rank's prompts in one packed forward, so the two runs' GEMMs have different
+    # shapes and sum in different orders (~1e-7 relative); Adam's normalised first steps carry that to ~2e-5 here,
+    # while a wrong reduction (a rank's own gradient, a doubled one) moves every tensor by ~lr = 1e-3 per step.
+    lr = PRESETS["smoke"].lora.lr
     for k in one:
-        tol = 4 * PRESETS["smoke"].lora.head_lr if k == "head.scorer.bias" else 1e-5
+        tol = 4 * PRESETS["smoke"].lora.head_lr if k == "head.scorer.bias" else 0.1 * lr
         torch.testing.assert_close(one[k], two[k], atol=tol, rtol=0, msg=k)
 
 
