@@ -89,6 +89,13 @@ def run(args: argparse.Namespace, work: Path) -> int:
     keys.update(forward.accuracy(setup, details, users))
     keys["accuracy_model"] = "trained" if trained else "random (agreement between backends only)"
     report: dict[str, Any] = {"details": details}
+    from bench import training
+
+    log("training step vs inference forward (source LoRA" + (")" if args.quick else ", X-Cross, profiles)"))
+    train_keys, report["training"] = training.run(reps=2 if args.quick else reps, bf16=native_bf16,
+                                                  with_xcross=not args.quick, profile=not args.quick)
+    keys.update(train_keys)
+    torch.set_num_threads(threads)
     if not args.no_service:
         backend = "torch-bf16" if any(machine["flags"][f] for f in ("amx_bf16", "avx512_bf16")) else "torch"
         log(f"service vs raw forward ({backend})")

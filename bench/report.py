@@ -28,6 +28,8 @@ TARGETS = [
     ("service_p50_over_raw", "<= 1.15", lambda v: v <= 1.15),
     ("cache_speedup", ">= 5", lambda v: v >= 5),
     ("flop_efficiency", ">= 0.7", lambda v: v >= 0.7),
+    ("train_step_over_forward", "<= 2.5 (issue 15)", lambda v: v <= 2.5),
+    ("xcross_train_step_over_forward", "(reported)", None),
     ("bf16_flop_efficiency", ">= 0.45", lambda v: v >= 0.45),
 ]
 
@@ -193,6 +195,7 @@ def write_report(path: Path, keys: dict[str, Any], machine: dict[str, Any], repo
                 L += ["", "| clients | requests/s | p50 ms | p95 ms | ok |", "|---|---|---|---|---|"]
             L.append(f"| {r['clients']} | {r['rps']:.2f} | {1000 * r['p50_s']:.0f} | {1000 * r['p95_s']:.0f} | "
                      f"{r['ok']}/{r['requests']} |")
+    L += training_section(keys, report.get("training"))
     L += ["", "## Explorations", ""]
     for name, res in report.get("explore", {}).items():
         if name == "batch_sizes" and isinstance(res, list):
@@ -211,6 +214,37 @@ def write_report(path: Path, keys: dict[str, Any], machine: dict[str, Any], repo
 
 
 SDPA = "_scaled_dot_product_flash_attention_for_cpu"
+
+
+def training_section(keys: dict[str, Any], training: dict[str, Any] | None) -> list[str]:
+    """One optimizer step (8 Tools train users x 10 prompts, AdamW) over the inference forward of the same
+    prompts, the fast path and the first wave's peft path, and the top ops of each step."""
+    if not training:
+        return []
+    med = training["median_s"]
+    L = ["", "## Training (bench/training.py)", "",
+         f"One optimizer step of 8 real Tools train users x 10 prompts ({training['tokens_per_step']:.0f} real tokens "
+         f"per step), {'bf16 autocast' if training['bf16'] else 'fp32'}, {training['threads']} thread(s), over the "
+         "inference forward of the same prompts with the same model (eval mode, inference mode), "
+         f"{training['reps']} interleaved rounds. Fast path: model/fast_lora.py (no dropout, LoRA on the top "
+         f"{training['lora_layers']} layers, packed layers, length-bucketed step forward, frozen weights in bf16). "
+         "peft path: the first wave's (peft LoRA on all 6 layers, dropout 0.1, users one by one).", "",
+         "| | step s | forward s | step / forward | prompts/s |", "|---|---|---|---|---|",
+         f"| source LoRA, fast path | {med['fast_step']:.3f} | {med['fast_forward']:.3f} | "
+         f"{_fmt(keys['train_step_over_forward'])} | {_fmt(keys['train_prompts_per_s'])} |",
+         f"| source LoRA, peft path | {med['peft_step']:.3f} | {med['peft_forward']:.3f} | "
+         f"{_fmt(keys['train_step_over_forward_peft'])} | {_fmt(keys['train_prompts_per_s_peft'])} |"]
+    if "xcross_step" in med:
+        L.append(f"| X-Cross (n=2), fast training form | {med['xcross_step']:.3f} | {med['xcross_forward']:.3f} | "
+                 f"{_fmt(keys['xcross_train_step_over_forward'])} | {_fmt(keys['xcross_train_prompts_per_s'])} |")
+        L.append(f"| X-Cross (n=2), as built | {med['xcross_built_step']:.3f} | {med['xcross_built_forward']:.3f} | "
+                 f"{med['xcross_built_step'] / med['xcross_built_forward']:.3g} | "
+                 f"{80 / med['xcross_built_step']:.3g} |")
+    L += ["", f"Fast path step vs peft path step: {_fmt(keys['train_fast_over_peft'])}x faster."]
+    for name, ops in (training.get("profile") or {}).items():
+        L += ["", f"Top ops of a {name}-path step (self CPU time):", "", "| op | share |", "|---|---|"]
+        L += [f"| `{o['op']}` | {100 * o['share']:.1f}% |" for o in ops]
+    return L
 
 
 def notes(keys: dict[str, Any], report: dict[str, Any]) -> list[str]:

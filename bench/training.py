@@ -97,9 +97,9 @@ def build(backbone_factory, lora_layers: int = 3, bf16: bool = True):
 def xcross_pair(backbone_factory, lora_layers: int = 3, bf16: bool = True):
     """X-Cross training forms over two random top-`lora_layers` LoRAs: (fast training form, as built)."""
     from model.fast_lora import FastLoraModel
+    from model.fast_lora import xcross_training_form as training_form
     from model.lora import LoraConfig
     from model.xcross import XCross, XCrossConfig
-    from model.fast_lora import xcross_training_form as training_form
 
     bb = backbone_factory()
     loras = []

@@ -238,9 +238,14 @@ def load_xcross(directory: str | Path, backbone: Backbone, search: list[str | Pa
     return model.eval(), manifest
 
 
-def single_stream(backbone: Backbone, lora: LoraWeights, head: Head) -> XCross:
+def single_stream(backbone: Backbone, lora: LoraWeights, head: Head, pooling: str = "cls") -> XCross:
     """A source LoRA as a one-stream model (the fast serving path for kind 'lora')."""
-    return XCross(backbone, [lora], XCrossConfig(n_streams=1, top_k=0), head=head).eval()
+    return XCross(backbone, [lora], XCrossConfig(n_streams=1, top_k=0, pooling=pooling), head=head).eval()
+
+
+def lora_pooling(manifest: dict[str, Any]) -> str:
+    """The head input a LoRA checkpoint was trained with ("cls" for checkpoints from before the option)."""
+    return manifest.get("lora", {}).get("pooling", "cls")
 
 
 def load_model(directory: str | Path, backbone: Backbone, search: list[str | Path] = (),
@@ -249,5 +254,5 @@ def load_model(directory: str | Path, backbone: Backbone, search: list[str | Pat
     manifest = read_manifest(directory)
     if manifest.get("kind") in ("lora", "weaverec"):  # one adapter: a single stream
         lora, head, manifest = load_lora(directory, backbone, kinds=(manifest["kind"],))
-        return single_stream(backbone, lora, head), manifest
+        return single_stream(backbone, lora, head, lora_pooling(manifest)), manifest
     return load_xcross(directory, backbone, search, loras)

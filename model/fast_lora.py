@@ -25,11 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.backbone import Backbone, LayerRunner
-from model.inference import Packing, PackedBertLayer, _plain_bert
+from model.inference import PackedBertLayer, Packing, _plain_bert, pool_packed
 from model.lora import LoraConfig, LoraWeights, shared_copy
-from model.xcross import Head
-
-POOLING = ("cls", "mean")
+from model.xcross import POOLING, Head, pool_tokens
 
 
 class LoRALinear(nn.Module):
@@ -169,10 +167,7 @@ class FastLoraModel(nn.Module):
                         h = block(h, pk)
                 else:
                     h = block(h, pk)
-            if self.pooling == "cls":
-                return h.index_select(0, pk.cls)
-            total = h.new_zeros(pk.B, h.shape[-1], dtype=torch.float32).index_add(0, pk.rows, h.float())
-            return total / attention_mask.sum(1, keepdim=True).float()
+            return pool_packed(h, pk, self.pooling)
         h = self.runner.embed(input_ids, attention_mask)
         ctx, first = self.runner.context(h, attention_mask), h
         for i in range(self.num_layers):
@@ -181,7 +176,7 @@ class FastLoraModel(nn.Module):
                     h = self.runner.layer(i, h, ctx, first)
             else:
                 h = self.runner.layer(i, h, ctx, first)
-        return mean_pool(h, attention_mask) if self.pooling == "mean" else h[:, 0]
+        return pool_tokens(h, attention_mask, self.pooling)
 
     def lora_weights(self) -> LoraWeights:
         """The trained adapter, module paths as peft names them (encoder.layer.<i>...)."""
@@ -199,12 +194,6 @@ class FastLoraModel(nn.Module):
                 m.lora_A.copy_(lora.A[p])
                 m.lora_B.copy_(lora.B[p] * (lora.scale / m.scale))
         return self
-
-
-def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean over tokens, (B, T, d) -> (B, d) (sentence-transformers' mean pooling)."""
-    m = attention_mask.unsqueeze(-1).float()
-    return (h.float() * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 class _TrainableStreamwise(nn.Module):

@@ -31,7 +31,7 @@ from torch import nn
 
 from model.backbone import LayerRunner
 from model.lora import GroupedLoRALinear, shared_copy
-from model.xcross import Integrator, XCross
+from model.xcross import Integrator, XCross, pool_tokens
 
 
 class FastIntegrator(nn.Module):
@@ -124,6 +124,14 @@ class Packing:
                    torch.cumsum(lengths, 0) - lengths, keep[:, None, None, :], B, T)
 
 
+def pool_packed(h: torch.Tensor, pk: Packing, pooling: str = "cls") -> torch.Tensor:
+    """Packed (N, d) -> (B, d): each row's [CLS] token, or the mean of its real tokens in fp32."""
+    if pooling == "cls":
+        return h.index_select(0, pk.cls)
+    total = h.new_zeros(pk.B, h.shape[-1], dtype=torch.float32).index_add(0, pk.rows, h.float())
+    return total / torch.bincount(pk.rows, minlength=pk.B).clamp_min(1).unsqueeze(1).float()
+
+
 class PackedBertLayer(nn.Module):
     """A BERT layer on packed tokens (N, d), N = real tokens of the batch: the linear layers skip the padding,
     Q, K and V are one GEMM; only attention sees the padded (B, H, T, dh) layout. Same math as `BertLayer`."""
@@ -205,7 +213,9 @@ class StreamwiseXCross(nn.Module):
             hs = [runners[m].layer(l, hs[m] if hs else h, ctx, first) for m in range(n)]  # (eq. 3), (B, T, d) each
             if str(l) in self.integrators:
                 hs = list(self.integrators[str(l)](torch.stack(hs)).unbind(0))  # (eqs. 4-5) on (n, B, T, d)
-        h_cls = torch.stack([x[:, 0] for x in hs]) if hs else h[:, 0].expand(n, *h[:, 0].shape)  # (n, B, d)
+        p = self.config.pooling
+        h_cls = torch.stack([pool_tokens(x, attention_mask, p) for x in hs]) if hs else \
+            pool_tokens(h, attention_mask, p).expand(n, h.shape[0], -1)  # (n, B, d)
         return self.head(torch.einsum("n,nbd->bd", self.w.to(h_cls.dtype), h_cls))  # (eqs. 6-8)
 
     def _forward_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -221,7 +231,8 @@ class StreamwiseXCross(nn.Module):
             hs = [self.packed[m][l](hs[m] if hs else h, pk) for m in range(n)]  # (eq. 3), (N, d) each
             if str(l) in self.integrators:
                 hs = list(self.integrators[str(l)](torch.stack(hs).unsqueeze(1)).squeeze(1).unbind(0))  # (eqs. 4-5)
-        h_cls = torch.stack([x.index_select(0, pk.cls) for x in hs]) if hs else h.index_select(0, pk.cls).expand(
+        p = self.config.pooling
+        h_cls = torch.stack([pool_packed(x, pk, p) for x in hs]) if hs else pool_packed(h, pk, p).expand(
             n, pk.B, -1)  # (n, B, d)
         return self.head(torch.einsum("n,nbd->bd", self.w.to(h_cls.dtype), h_cls))  # (eqs. 6-8)
 

@@ -82,5 +82,7 @@ class NaiveXCross:
                     refined.append(acc)
                 outs = refined
             hs = outs
-        h_final = sum(self.model.w[m] * hs[m][:, 0] for m in range(n))
+        from model.xcross import pool_tokens
+
+        h_final = sum(self.model.w[m] * pool_tokens(hs[m], mask, cfg.pooling) for m in range(n))
         return self.model.head(h_final)

@@ -23,6 +23,16 @@ from torch import nn
 from model.backbone import Backbone, LayerRunner
 from model.lora import LoraWeights, inject_grouped, shared_copy
 
+POOLING = ("cls", "mean")
+
+
+def pool_tokens(h: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
+    """(B, T, d) -> (B, d): the [CLS] token, or the masked token mean in fp32 (sentence-transformers' pooling)."""
+    if pooling == "cls":
+        return h[:, 0]
+    m = attention_mask.unsqueeze(-1).float()
+    return (h.float() * m).sum(1) / m.sum(1).clamp_min(1)
+
 
 @dataclass(frozen=True)
 class XCrossConfig:
@@ -37,6 +47,8 @@ class XCrossConfig:
     gca_layer_norm: bool = True  # GCA: LayerNorm on the queries
     lora_top: int = 0  # keep the source LoRAs on the top N layers only (0 = all): the lower layers run once for
     #                    all streams (the shared-lower-layers option; LoRAs trained on all layers, truncated)
+    pooling: str = "cls"  # the head's input: h_final at [CLS] (eq. 7, the paper's) or its masked token mean
+    #                       ("mean", how all-MiniLM-L6-v2 was trained: a backbone-specific option; the sources')
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))  # JSON manifests give lists
@@ -50,6 +62,8 @@ class XCrossConfig:
             raise ValueError(f"XCrossConfig.integrator {self.integrator!r}: use xcross or gca")
         if self.lora_top < 0:
             raise ValueError(f"XCrossConfig.lora_top must be >= 0 (got {self.lora_top}; 0 keeps every LoRA layer)")
+        if self.pooling not in POOLING:
+            raise ValueError(f"XCrossConfig.pooling {self.pooling!r}: use one of {', '.join(POOLING)}")
         if self.gca_act not in ("sigmoid", "tanh"):
             raise ValueError(f"XCrossConfig.gca_act {self.gca_act!r}: use sigmoid or tanh")
 
@@ -164,7 +178,7 @@ class XCross(nn.Module):
         return Integrator(c.n_streams, self.d, c.beta, c.gamma, c.init_std)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """h_final[CLS], (B, d)."""
+        """h_final[CLS] (or, with pooling "mean", the token mean of h_final: eq. 6 is linear), (B, d)."""
         n, B, T = self.config.n_streams, *input_ids.shape
         enc = self.encoder
         h = enc.embed(input_ids, attention_mask)  # (B, T, d)
@@ -177,8 +191,10 @@ class XCross(nn.Module):
             h = enc.layer(l, h, ctx, first)  # (eq. 3) each stream with its own LoRA
             if str(l) in self.integrators:
                 h = self.integrators[str(l)](h.view(n, B, T, -1), attention_mask).reshape(n * B, T, -1)  # (4-5)
-        h_cls = h[:, 0].view(n, B, -1) if h.shape[0] == n * B else h[:, 0].expand(n, B, -1)  # (n, B, d)
-        return torch.einsum("n,nbd->bd", self.w.to(h_cls.dtype), h_cls)  # (eq. 6) h_final[CLS]
+        folded = h.shape[0] == n * B
+        pooled = pool_tokens(h, attention_mask.repeat(n, 1) if folded else attention_mask, self.config.pooling)
+        h_cls = pooled.view(n, B, -1) if folded else pooled.expand(n, B, -1)  # (n, B, d)
+        return torch.einsum("n,nbd->bd", self.w.to(h_cls.dtype), h_cls)  # (eq. 6) h_final[CLS] (or its mean)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One score per prompt, (B,), fp32."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from model.backbone import Backbone, load_backbone
-from model.checkpoint import load_lora, load_model, read_manifest, save_lora, save_xcross
+from model.checkpoint import load_lora, load_model, lora_pooling, read_manifest, save_lora, save_xcross
 from model.fast_lora import FastLoraModel, xcross_training_form
 from model.lora import LoraConfig, LoraWeights
 from model.source import SourceLoraModel
@@ -120,8 +120,8 @@ def _manifest_extra(meta: dict[str, Any]) -> dict[str, Any]:
     return {("variant" if k == "kind" else k): v for k, v in meta.items() if k not in skip}
 
 
-def _lora_cfg_dict(cfg: LoraConfig) -> dict[str, Any]:
-    return {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "targets": cfg.targets}
+def _lora_cfg_dict(cfg: LoraConfig, pooling: str = "cls") -> dict[str, Any]:
+    return {"r": cfg.r, "alpha": cfg.alpha, "dropout": cfg.dropout, "targets": cfg.targets, "pooling": pooling}
 
 
 # ----------------------------------------------------------------------------- source LoRAs
@@ -170,7 +170,8 @@ def train_lora(ctx: Context, domain: str, resume: bool = False, out: Path | None
     meta = ctx.meta(kind="lora", domain=domain, train_users=len(users), hyperparameters=cfg.to_dict(),
                     wall_s=round(state.wall_s, 1), best_step=state.best_step, curve=state.curve)
     out = out or ctx.paths.lora(domain)
-    save_lora(out, model.lora_weights(), model.head, bb, domain=domain, lora_config=_lora_cfg_dict(lora_cfg),
+    save_lora(out, model.lora_weights(), model.head, bb, domain=domain,
+              lora_config=_lora_cfg_dict(lora_cfg, cfg.pooling),
               metrics={"dev": dev["metrics"]}, **_manifest_extra(meta))
     save_result(ctx.paths.results / f"{run_dir.name}.json", dev, **meta, model=str(out))
     return {"finished": True, "dev": dev["metrics"], "wall_s": state.wall_s, "out": str(out)}
@@ -246,8 +247,11 @@ def train_xcross(ctx: Context, target: str, sources: list[str] | None = None, to
     loras = [x[0] for x in loaded]
     n = len(sources)
     k = 0 if n == 1 else (ctx.preset.top_k if top_k is None else top_k)
+    poolings = {lora_pooling(x[2]) for x in loaded}
+    if len(poolings) > 1:
+        raise ValueError(f"sources {sources} were trained with different pooling ({sorted(poolings)}); retrain one")
     xcfg = XCrossConfig(n_streams=n, top_k=k, beta=0.5 if beta is None else beta,
-                        gamma=0.4 if gamma is None else gamma, **(integrator or {}))
+                        gamma=0.4 if gamma is None else gamma, pooling=poolings.pop(), **(integrator or {}))
     torch.manual_seed(ctx.seed)
     head = copy.deepcopy(loaded[0][1])  # init from the best zero-shot source's head (DESIGN 5.2)
     model = XCross(bb, loras, xcfg, head=head)
@@ -257,7 +261,7 @@ def train_xcross(ctx: Context, target: str, sources: list[str] | None = None, to
     users = train_users if train_users is not None else users
     source = ctx.source(target, bb.tokenizer, cfg.max_len)
     run_dir = ctx.paths.runs / f"{name}-{target}-{ctx.preset.name}"
-    trainer = xcross_training_form(model, cfg.bf16) if cfg.fast_path else model  # same trainable tensors, packed forward
+    trainer = xcross_training_form(model, cfg.bf16) if cfg.fast_path else model  # same trainable tensors
     state, dev = _train_then_evaluate(ctx, trainer, source, users, val, target, cfg, run_dir, resume, max_steps)
     if dev is None:
         return {"finished": state.finished, "step": state.step, "wall_s": state.wall_s, "out": None}

@@ -23,7 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 KEYS = ["fast_vs_naive", "xcross_over_single", "xcross_over_single_shared3", "single_vs_crossencoder",
         "bf16_speedup", "bf16_hit1_diff", "ort_fp32_speedup", "ort_fp32_max_abs_diff", "ort_int8_speedup",
         "ort_int8_hit1_diff", "service_over_raw", "service_p50_over_raw", "cache_speedup", "flop_efficiency",
-        "bf16_flop_efficiency", "cpu", "cpu_flags", "threads", "contended"]
+        "bf16_flop_efficiency", "cpu", "cpu_flags", "threads", "contended", "train_step_over_forward",
+        "train_prompts_per_s", "train_step_over_forward_peft", "train_fast_over_peft"]
 
 
 def test_interleave_runs_variants_in_turn_and_keeps_outputs():
@@ -56,6 +57,8 @@ def test_quick_bench_prints_every_key_as_json():
     keys = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not [k for k in KEYS if k not in keys], keys
     assert keys["ort_fp32_max_abs_diff"] < 1e-4 and keys["fast_vs_naive_max_abs_diff"] < 1e-4
+    # a step needs at least a forward and a backward: below 1x a forward the two were not timed alike
+    assert keys["train_step_over_forward"] > 1 and keys["train_step_over_forward_peft"] > 1
 
 
 def test_gpu_section_renders_the_recorded_gpu_run_with_verdicts(tmp_path):

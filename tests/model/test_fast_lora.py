@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.fast_lora import FastLoraModel, mean_pool
+from model.fast_lora import FastLoraModel
 from model.lora import LoraConfig
 from model.source import SourceLoraModel
-from model.xcross import XCross, XCrossConfig
+from model.xcross import XCross, XCrossConfig, pool_tokens
 from tests.tiny import tiny_backbone
 
 
@@ -88,7 +88,7 @@ def test_mean_pooling_is_the_masked_token_mean():
         a, b = fast.pool(ids, mask), padded.pool(ids, mask)
         h = bb.runner().forward(ids, mask)
     assert torch.allclose(a, b, atol=1e-5)
-    assert torch.allclose(a, mean_pool(h, mask), atol=1e-5)
+    assert torch.allclose(a, pool_tokens(h, mask, "mean"), atol=1e-5)
     assert torch.allclose(a[2], h[2, :5].mean(0), atol=1e-5)  # row 2 has 5 real tokens
 
 
@@ -142,3 +142,50 @@ def test_xcross_training_form_trains_the_built_models_parameters():
     g_built = torch.autograd.grad(s_built.square().sum(), built.integrators["2"].W_concat.weight)[0]
     g_form = torch.autograd.grad(s_form.square().sum(), built.integrators["2"].W_concat.weight)[0]
     assert g_built.abs().max() > 0 and torch.allclose(g_built, g_form, atol=1e-5, rtol=1e-4)
+
+
+def _xcross_mean(bb):
+    loras = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = FastLoraModel(bb, LoraConfig(dropout=0.0), top_k=2, pooling="mean")
+        with torch.no_grad():
+            for lora in m.loras.values():
+                lora.lora_B.normal_(0, 0.2)
+        loras.append(m.lora_weights())
+    torch.manual_seed(0)
+    return XCross(bb, loras, XCrossConfig(n_streams=2, top_k=2, init_std=0.05, pooling="mean")).eval(), loras
+
+
+def test_mean_pooled_xcross_scores_the_same_in_every_form():
+    from model.inference import optimize_for_inference
+
+    bb = tiny_backbone("bert", 3)
+    built, loras = _xcross_mean(bb)
+    ids, mask = _batch()
+    with torch.no_grad():
+        ref = built(ids, mask)
+        cls = XCross(bb, loras, XCrossConfig(n_streams=2, top_k=2, init_std=0.05)).eval()
+        cls.load_state_dict(built.trainable_state_dict(), strict=False)
+        assert (cls(ids, mask) - ref).abs().max() > 1e-3  # the option changes the model
+        for form in (optimize_for_inference(_xcross_mean(bb)[0], streamwise=True),
+                     optimize_for_inference(_xcross_mean(bb)[0], streamwise=True, packed=False),
+                     optimize_for_inference(_xcross_mean(bb)[0])):
+            assert torch.allclose(form(ids, mask), ref, atol=1e-5)
+
+
+def test_mean_pooled_lora_checkpoint_serves_with_its_pooling(tmp_path):
+    from model.checkpoint import load_model, save_lora
+
+    bb = tiny_backbone("bert", 2)
+    fast = FastLoraModel(bb, LoraConfig(dropout=0.0), pooling="mean")
+    with torch.no_grad():
+        for m in fast.loras.values():
+            m.lora_B.normal_(0, 0.2)
+    save_lora(tmp_path / "l", fast.lora_weights(), fast.head, bb, domain="Tools",
+              lora_config={"r": 16, "alpha": 32, "dropout": 0.0, "targets": "", "pooling": "mean"})
+    served, manifest = load_model(tmp_path / "l", tiny_backbone("bert", 2))
+    ids, mask = _batch()
+    assert served.config.pooling == "mean" and manifest["lora"]["pooling"] == "mean"
+    with torch.no_grad():
+        assert torch.allclose(served(ids, mask), fast.eval()(ids, mask), atol=1e-5)
