@@ -5,9 +5,10 @@
 
 Settings come from XCROSS_* variables (README "Service"). Models, catalogs and the token cache are loaded before
 the server listens: a bad setting or a corrupt / mismatched checkpoint prints one line to stderr and exits with
-code 2. SIGTERM / Ctrl-C: uvicorn stops accepting connections, lets in-flight requests finish (at most
-XCROSS_GRACEFUL_TIMEOUT_S), the batcher drains, and uvicorn re-raises the signal, so the process ends as killed by
-SIGTERM (status 143 in a shell, -15 from Popen) after a clean shutdown, as supervisors expect.
+code 2. SIGTERM / Ctrl-C drains (service/drain.py, docs/reliability.md): /readyz answers 503 `draining` at once,
+requests are still answered for XCROSS_DRAIN_S (with `Connection: close`), then the server stops accepting, finishes
+the requests in flight and the queued batches, and exits 0 within XCROSS_GRACEFUL_TIMEOUT_S of the signal. A
+second SIGTERM / Ctrl-C stops at once (the process ends as killed by it).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import uvicorn
 
 from model.checkpoint import CheckpointError
 from service.catalog import CatalogError
+from service.drain import DrainingServer
 from service.loading import StartupError, load_engine
 from service.settings import SettingsError, load_settings
 
@@ -40,9 +42,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STARTUP
     from service.app import create_app
 
-    uvicorn.run(create_app(settings, engine=engine), host=args.host, port=args.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=int(settings.graceful_timeout_s) or 1)
-    return 0
+    app = create_app(settings, engine=engine)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=settings.log_level)
+    server = DrainingServer(config, drain_s=settings.drain_s, graceful_timeout_s=settings.graceful_timeout_s,
+                            on_drain=app.state.service.drain)
+    server.run()
+    return 0 if server.started else EXIT_STARTUP
 
 
 if __name__ == "__main__":

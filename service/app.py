@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batching import Batcher, BatcherClosed, DeadlineExceeded, QueueFull
+from service.drain import CloseWhileDraining
 from service.engine import Engine
 from service.loading import load_engine
 from service.metrics import CONTENT_TYPE, Metrics
@@ -62,6 +63,7 @@ class ServiceState:
     batcher: Batcher | None = None
     owns_engine: bool = False  # loaded by this app (and closed by it)
     status: str = "loading"  # loading -> warming up -> ready | no models | warm-up failed; shutting down
+    draining: bool = False  # set by the first SIGTERM (service.drain): /readyz 503 `draining`, requests still served
 
     async def warm_up(self) -> None:
         """One full batch per domain through the whole path, then ready."""
@@ -93,7 +95,13 @@ class ServiceState:
         if self.status == "no models":
             body["status"] = (f"no models: no checkpoints under {self.settings.artifacts} "
                               "(XCROSS_ALLOW_EMPTY=1 let the service start without them)")
+        if self.draining:  # a load balancer takes the replica out; requests that still arrive are answered
+            body["ready"], body["status"] = False, "draining"
         return body
+
+    def drain(self) -> None:
+        """SIGTERM (service.drain): /readyz 503 from now on, responses with `Connection: close`."""
+        self.draining = True
 
 
 # --- dependencies (override these in tests; async: trivial, so no thread hop) -------------------------------
@@ -368,5 +376,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetrics, metrics=app.state.service.metrics,
                        paths=frozenset(route.path for route in router.routes))
+    app.add_middleware(CloseWhileDraining, is_draining=lambda: app.state.service.draining)
     app.openapi = lambda: _openapi(app, settings, _served_domains(app.state.service))
     return app

@@ -84,8 +84,13 @@ class Settings(BaseSettings):
     cache_timeout_s: float = Field(0.05, gt=0, description="Redis connect/read timeout")
     cache_retry_s: float = Field(5.0, ge=0, description="after a Redis failure, skip Redis for this long")
     # --- process ----------------------------------------------------------------------------------------
-    graceful_timeout_s: float = Field(30.0, gt=0, description="on SIGTERM, wait this long for in-flight "
-                                                              "requests before exiting")
+    graceful_timeout_s: float = Field(30.0, gt=0, description="on SIGTERM, the process exits within this many "
+                                                              "seconds, drain included: past the drain, requests "
+                                                              "still in flight are cancelled (docs/reliability.md)")
+    drain_s: float = Field(5.0, ge=0, description="on SIGTERM, /readyz answers 503 `draining` at once and the "
+                                                  "service keeps answering for this long, with `Connection: "
+                                                  "close`, so a load balancer takes it out before it stops "
+                                                  "accepting (0 = stop accepting at once)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("redis_url")
@@ -107,6 +112,10 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"XCROSS_MAX_BATCH_TOKENS={self.max_batch_tokens} is below XCROSS_MAX_LEN={self.max_len}: "
                 "one full-length prompt would never fit a forward; raise XCROSS_MAX_BATCH_TOKENS")
+        if self.drain_s >= self.graceful_timeout_s:
+            raise ValueError(
+                f"XCROSS_DRAIN_S={self.drain_s:g} is not below XCROSS_GRACEFUL_TIMEOUT_S={self.graceful_timeout_s:g}: "
+                "the graceful timeout counts from SIGTERM and includes the drain; raise XCROSS_GRACEFUL_TIMEOUT_S")
         if self.queue_prompts < self.max_candidates:
             raise ValueError(
                 f"XCROSS_QUEUE_PROMPTS={self.queue_prompts} is below XCROSS_MAX_CANDIDATES={self.max_candidates}: "
