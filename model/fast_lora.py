@@ -252,7 +252,7 @@ def bucketed(score, input_ids: torch.Tensor, attention_mask: torch.Tensor, bucke
     """`score(ids, mask)` over length-sorted chunks of at most `bucket` prompts, scores back in input order (the
     same scores: each prompt is scored on its own; only the padding each chunk carries changes)."""
     B = input_ids.shape[0]
-    if not bucket or B <= bucket:
+    if not bucket or B <= bucket or input_ids.is_cuda:  # a GPU prefers one launch over the whole batch
         return score(input_ids, attention_mask)
     order = attention_mask.sum(1).argsort(stable=True)
     out = [score(*_trim(input_ids[ix], attention_mask[ix])) for ix in order.tensor_split(math.ceil(B / bucket))]

@@ -267,10 +267,12 @@ def all_cmd(preset: PresetOpt = "cpu",
             variant_targets: Annotated[str, typer.Option(help="targets of the WeaveRec / GCA variants")]
             = "Tools,Toys",
             dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and what is done")] = False,
-            results: ResultsOpt = None) -> None:
+            results: ResultsOpt = None, artifacts: ArtifactsOpt = None, runs: RunsOpt = None) -> None:
     """The whole pipeline as a resumable job graph on N worker processes (logs in logs/<job>.log).
 
-    Run it again after a kill, or in the next session: finished jobs are skipped, unfinished ones resume."""
+    Run it again after a kill, or in the next session: finished jobs are skipped, unfinished ones resume.
+    `--artifacts/--results/--runs` put every job's checkpoints, results and states under other roots (a retrain
+    staged beside what the service serves)."""
     from training.pipeline import REPO, Paths
     from training.schedule import plan, run
 
@@ -282,7 +284,10 @@ def all_cmd(preset: PresetOpt = "cpu",
     def doms(value: str) -> tuple[str, ...]:
         return tuple(_domain(d) for d in value.split(",") if d)
 
-    graph = plan(preset, results or Paths().results, doms(targets), picked, doms(ablation_targets),
+    for env, root in (("XCROSS_RESULTS", results), ("XCROSS_ARTIFACTS", artifacts), ("XCROSS_RUNS", runs)):
+        if root is not None:  # every job (a subprocess) writes and reads there
+            os.environ[env] = str(root.resolve())
+    graph = plan(preset, Paths().results, doms(targets), picked, doms(ablation_targets),
                  doms(low_data_targets), variant_targets=doms(variant_targets))
     if dry_run:
         for j in graph:

@@ -36,11 +36,17 @@ log = logging.getLogger("training")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _root(env: str, default: str) -> Path:
+    """A root directory: `$<env>` when set (`python -m training all --artifacts/--results/--runs` sets it for its
+    jobs, e.g. to retrain into a staging root while the service keeps serving artifacts/), else <repo>/<default>."""
+    return Path(os.environ[env]).resolve() if os.environ.get(env) else REPO / default
+
+
 @dataclass
 class Paths:
-    artifacts: Path = REPO / "artifacts"
-    results: Path = REPO / "results"
-    runs: Path = REPO / "runs"
+    artifacts: Path = field(default_factory=lambda: _root("XCROSS_ARTIFACTS", "artifacts"))
+    results: Path = field(default_factory=lambda: _root("XCROSS_RESULTS", "results"))
+    runs: Path = field(default_factory=lambda: _root("XCROSS_RUNS", "runs"))
     data: Path | None = None
 
     def lora(self, domain: str) -> Path:

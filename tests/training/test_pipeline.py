@@ -182,3 +182,16 @@ def test_report_writes_tables_with_paper_numbers(pipeline, tmp_path):
     assert "## Tools: all metrics" in text and "| -Layers (last layer only) |" in text
     assert "## Low data: Tools" in text and "Smallest size above it" in text
     assert plot_curves(root / "results", tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_roots_follow_the_environment_that_all_sets_for_its_jobs(monkeypatch, tmp_path):
+    from training.pipeline import REPO, Paths
+
+    for env in ("XCROSS_ARTIFACTS", "XCROSS_RESULTS", "XCROSS_RUNS"):
+        monkeypatch.delenv(env, raising=False)
+    assert Paths().artifacts == REPO / "artifacts" and Paths().runs == REPO / "runs"
+    monkeypatch.setenv("XCROSS_ARTIFACTS", str(tmp_path / "stage"))
+    monkeypatch.setenv("XCROSS_RESULTS", str(tmp_path / "res"))
+    p = Paths()
+    assert p.artifacts == (tmp_path / "stage").resolve() and p.results == (tmp_path / "res").resolve()
+    assert p.lora("Tools") == (tmp_path / "stage" / "lora" / "Tools").resolve() and p.runs == REPO / "runs"
