@@ -31,6 +31,7 @@ from model.prompts import PromptBuilder, encode_pieces
 from service.cache import TokenCache
 from service.catalog import Catalogs, Resolved
 from service.schemas import InputError, Item, RankedItem, RecommendRequest, RecommendResponse, field_error
+from service.text_recall import DomainRecall
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Prepared:
     prompts: list[list[int]]
     top_k: int
     key: str = ""  # the served model's key (batcher and runtime route by it); default: the domain's default model
+    recall: str | None = None  # the recall stage that chose the candidates (a request without candidates)
 
     def __post_init__(self) -> None:
         self.key = self.key or self.domain
@@ -115,6 +117,8 @@ class Engine:
         max_len: int = 256,  # prompt tokens; the oldest history items are dropped beyond it
         max_history: int = 50,  # history items kept (the most recent)
         batch_prompts: int = 30,  # prompts per forward on the direct path (`score`, `recommend`)
+        recall: Mapping[str, DomainRecall] | None = None,  # per domain: candidates for requests without them
+        recall_n: int = 200,  # how many candidates the recall stage picks
     ):
         missing = sorted({m.domain for m in models.values()} - set(catalogs.domains))
         if missing:
@@ -123,6 +127,7 @@ class Engine:
         self.runtime = runtime or TorchRuntime({d: m.model for d, m in models.items()})
         self.builder = PromptBuilder(backbone.tokenizer, max_len=max_len, max_history=max_history)
         self.batch_prompts = batch_prompts
+        self.recall, self.recall_n = dict(recall or {}), recall_n
 
     @property
     def domains(self) -> list[str]:
@@ -135,7 +140,8 @@ class Engine:
     def describe(self) -> dict[str, Any]:
         """What /readyz and the model-info metric show."""
         return {"backbone": self.backbone.name, **self.runtime.describe(),
-                "models": {d: m.name for d, m in sorted(self.models.items())}}
+                "models": {d: m.name for d, m in sorted(self.models.items())},
+                "recall": {d: r.name for d, r in sorted(self.recall.items()) if self.recall_n > 0}}
 
     # --- the three steps ------------------------------------------------------------------------------
 
@@ -145,13 +151,34 @@ class Engine:
         key = self._model(domain, req.model)
         errors: list[dict[str, Any]] = []
         history = self.catalogs.resolve(domain, req.history, "history", errors)
-        candidates = self.catalogs.resolve(domain, req.candidates, "candidates", errors)
+        given = req.candidates is not None
+        candidates = self.catalogs.resolve(domain, req.candidates, "candidates", errors) if given else []
         if errors:
             raise InputError(errors)
         history = history[-self.builder.max_history :]
+        recall = None
+        if not given:
+            candidates, recall = self.recall_candidates(domain, history)
         ids = self.cache.get_many([it.title for it in history + candidates])
         prompts = self.builder.build_many(ids[: len(history)], ids[len(history) :])
-        return Prepared(domain, candidates, prompts, min(req.top_k, len(candidates)), key)
+        return Prepared(domain, candidates, prompts, min(req.top_k, len(candidates)), key, recall)
+
+    def recall_candidates(self, domain: str, history: list[Resolved]) -> tuple[list[Resolved], str]:
+        """The recall stage: `recall_n` catalog items for the history (its items excluded), and its name."""
+        stage = self.recall.get(domain) if self.recall_n > 0 else None
+        if stage is None:
+            msg = (f"is required: no recall stage serves {domain} (XCROSS_RECALL_N=0 or no catalog embeddings); "
+                   "give the items to rank")
+            raise InputError([field_error(["body", "candidates"], msg, "missing")])
+        if not history:
+            msg = ("is empty and no candidates were given: the recall stage picks candidates from the history; "
+                   "give at least one history item, or the candidates to rank")
+            raise InputError([field_error(["body", "history"], msg, "too_short")])
+        found = stage.candidates(history, self.recall_n)
+        if not found:
+            msg = f"recalled nothing: the history covers the whole {domain} catalog; give the candidates to rank"
+            raise InputError([field_error(["body", "history"], msg, "too_long")])
+        return found, stage.name
 
     def forward(self, key: str, prompts: Sequence[Sequence[int]]) -> list[float]:
         """Scores of one forward batch through the model `key` (a domain: its default), padded to its longest."""
@@ -168,7 +195,8 @@ class Engine:
                        title=prepared.candidates[i].title, score=float(scores[i]), rank=rank)
             for rank, i in enumerate(order, start=1)
         ]
-        return RecommendResponse(domain=prepared.domain, model=self.models[prepared.key].name, items=items)
+        return RecommendResponse(domain=prepared.domain, model=self.models[prepared.key].name, items=items,
+                                 recall=prepared.recall)
 
     # --- direct path ----------------------------------------------------------------------------------
 

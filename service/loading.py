@@ -29,6 +29,7 @@ from service.catalog import Catalogs
 from service.engine import Engine, Runtime, ServedModel, TorchRuntime, locked_encoder
 from service.machine import cpu_bf16_flags, tune_malloc
 from service.settings import BACKEND_PRECISION, Settings
+from service.text_recall import build_text_recall
 from training.data import DOMAINS
 
 log = logging.getLogger("service")
@@ -205,11 +206,15 @@ def load_engine(settings: Settings) -> Engine:
     cache = TokenCache(locked_encoder(backbone.tokenizer), backbone.tokenizer_fingerprint, settings.redis_url,
                        lru_size=settings.cache_lru_size, ttl_s=settings.cache_ttl_s,
                        timeout_s=settings.cache_timeout_s, retry_s=settings.cache_retry_s)
+    # text recall (issue 20): catalog embeddings by the plain backbone, before build_runtime may cast it to bf16
+    recall = (build_text_recall(backbone, catalogs, catalogs.domains, settings.recall_index, settings.recall_cache)
+              if settings.recall_n > 0 else {})
     runtime = build_runtime(backend, models, settings, backbone, device)
     log.info("serving %s on %s, backend %s (%s; %s), %d threads, malloc tuning %s, Redis %s",
              ", ".join(f"{k}={m.name}" for k, m in models.items()) or "nothing", device, backend,
              BACKEND_PRECISION[backend], why, torch.get_num_threads(), "on" if malloc else "off",
              "on" if settings.redis_url else "off")
     return Engine(backbone, models, catalogs, cache, runtime=runtime, max_len=settings.max_len,
-                  max_history=settings.max_history, batch_prompts=settings.batch_prompts)
+                  max_history=settings.max_history, batch_prompts=settings.batch_prompts, recall=recall,
+                  recall_n=settings.recall_n)
 

@@ -103,7 +103,11 @@ class RecommendRequest(BaseModel):
 
     domain: StrictStr = Field(description="target domain, one of those served (see /readyz)")
     history: list[Item] = Field(default_factory=list, description="items the user interacted with, oldest first")
-    candidates: list[Item] = Field(min_length=1, description="items to rank")
+    candidates: list[Item] | None = Field(None, min_length=1,
+                                          description="items to rank; omit it to rank from the domain's whole "
+                                                      "catalog: a recall stage picks XCROSS_RECALL_N items for the "
+                                                      "history (its items excluded) and the model ranks those "
+                                                      "(needs a non-empty history)")
     top_k: StrictInt = Field(10, ge=1, description="how many ranked items to return (at most the candidates)")
     model: StrictStr | None = Field(None, min_length=1, max_length=32,
                                     description="checkpoint kind to rank with, one of those served for the domain "
@@ -112,7 +116,8 @@ class RecommendRequest(BaseModel):
 
 
 class RankedItem(BaseModel):
-    position: int = Field(description="index of the item in the request's candidates")
+    position: int = Field(description="index of the item in the request's candidates (without candidates: in the "
+                                      "recalled list, best recall score first)")
     id: int | None = Field(description="catalog id; null for a raw title")
     asin: str | None = Field(description="ASIN; null for a raw title")
     title: str = Field(description="the title that was scored")
@@ -124,6 +129,9 @@ class RecommendResponse(BaseModel):
     domain: str
     model: str = Field(description="served checkpoint: {kind}:{Domain}@{content hash[:12]}")
     items: list[RankedItem]
+    recall: str | None = Field(None, description="the recall stage that chose the candidates when the request "
+                                                 "gave none (text:<backbone>/<index>); null when candidates were "
+                                                 "given")
 
 
 class ErrorResponse(BaseModel):
@@ -145,7 +153,7 @@ def check_limits(req: RecommendRequest, limits: Limits) -> None:
     errors = []
     for field, cap, var in (("history", limits.max_history, "XCROSS_MAX_HISTORY"),
                             ("candidates", limits.max_candidates, "XCROSS_MAX_CANDIDATES")):
-        n = len(getattr(req, field))
+        n = len(getattr(req, field) or ())
         if n > cap:
             errors.append(field_error(["body", field], f"has {n} items, at most {cap} are allowed ({var}); "
                                                        "send fewer items or split the request", "too_long"))
@@ -153,7 +161,7 @@ def check_limits(req: RecommendRequest, limits: Limits) -> None:
         errors.append(field_error(["body", "top_k"], f"is {req.top_k}, at most {limits.max_candidates} "
                                                      "(XCROSS_MAX_CANDIDATES)", "less_than_equal"))
     for field in ("history", "candidates"):
-        for i, item in enumerate(getattr(req, field)):
+        for i, item in enumerate(getattr(req, field) or ()):
             if item.title is not None and len(item.title) > limits.max_title_chars:
                 errors.append(field_error(
                     ["body", field, i, "title"],

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_PREFIX = "XCROSS_"
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ONNX_CACHE = Path("~/.cache/xcross-serve/onnx").expanduser()
+RECALL_CACHE = Path("~/.cache/xcross-serve/recall").expanduser()
 BACKEND_PRECISION = {"torch": "fp32", "torch-bf16": "bf16", "onnx": "fp32", "onnx-int8": "int8"}
 
 
@@ -41,6 +42,15 @@ class Settings(BaseSettings):
                             "(auto, or a domain without it: the first of xcross, weaverec, gca, lora it has); "
                             "every checkpoint found is served and selectable per request")
     allow_empty: bool = Field(False, description="start even when no checkpoint is found (/readyz stays 503)")
+    # --- recall stage (POST /recommend without candidates; docs/recall.md "Two-stage") ------------------------
+    recall_n: int = Field(200, ge=0, le=1000, description="candidates the recall stage hands the model when a "
+                                                          "request gives none (0 = off: candidates required)")
+    recall_index: Literal["exact", "hnsw"] = Field(
+        "exact", description="text recall search: exact = one matrix product over the catalog; hnsw = usearch's "
+                             "approximate HNSW graph (pip install usearch), for catalogs too large for exact search")
+    recall_cache: Path | None = Field(RECALL_CACHE, description="where the catalogs' title embeddings are cached "
+                                                                "(one .npy per catalog and backbone, keyed by "
+                                                                "a hash of its titles)")
     # --- compute ----------------------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when a GPU is present, else cpu")
     backend: Literal["auto", "torch", "torch-bf16", "onnx", "onnx-int8"] = Field(
@@ -150,7 +160,8 @@ def settings_table() -> list[tuple[str, str, str]]:
     for name, field in Settings.model_fields.items():
         default = field.default
         if isinstance(default, Path):
-            default = {REPO_ROOT / "artifacts": "<repo>/artifacts", ONNX_CACHE: "~/.cache/xcross-serve/onnx"}.get(
+            default = {REPO_ROOT / "artifacts": "<repo>/artifacts", ONNX_CACHE: "~/.cache/xcross-serve/onnx",
+                       RECALL_CACHE: "~/.cache/xcross-serve/recall"}.get(
                 default, str(default))
         rows.append((env_name(name), "unset" if default is None else str(default), field.description or ""))
     return rows

@@ -13,6 +13,7 @@
     python -m training evaluate --model artifacts/xcross/Tools \
         --users ../shared/data/amazon-xcross/Tools/dev.jsonl --json   # any dev.jsonl-format file
     python -m training compare results/a.json results/b.json     # paired two-sided t-test per metric
+    python -m training full-catalog --domain Tools --users 300  # whole-catalog recall + rerank (issue 20)
     python -m training report                                     # docs/results.md + docs/training_curves.png
     python -m training recall --help                              # cross-domain retrieval (docs/recall.md)
     python -m training variants --help                            # WeaveRec and GCA variants (docs/variants.md)
@@ -300,6 +301,26 @@ def all_cmd(preset: PresetOpt = "cpu",
     typer.echo("pipeline: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     if counts["failed"] or counts["blocked"]:
         raise typer.Exit(1)
+
+
+@app.command("full-catalog")
+def full_catalog_cmd(domain: Annotated[str, typer.Option(callback=_domain)],
+                     users: Annotated[int | None, typer.Option(help="first N users (default 300; 0 = all)")] = 300,
+                     users_file: Annotated[Path | None, typer.Option(help="a dev.jsonl-format file (default: dev)")]
+                     = None,
+                     rerank_n: Annotated[int, typer.Option(help="text-recall items each reranker scores")] = 200,
+                     rerankers: Annotated[str, typer.Option(help="comma-separated checkpoint kinds")] = "xcross,lora",
+                     preset: PresetOpt = "cpu", quiet: QuietOpt = False, artifacts: ArtifactsOpt = None,
+                     results: ResultsOpt = None, runs: RunsOpt = None, data: DataOpt = None) -> None:
+    """Two-stage evaluation over the whole catalog: recall stages (Recall@50/100/200), recall vs recall + rerank."""
+    from training.full_catalog import command_line, full_catalog
+
+    ctx = _ctx(preset, quiet, 0, artifacts, results, runs, data)
+    out = full_catalog(ctx, domain, users or None, users_file, rerank_n, tuple(rerankers.split(",")),
+                       command=command_line())
+    for name, m in out["metrics"].items():
+        typer.echo(f"{name:>14}: " + "  ".join(f"{k} {v:.2f}" for k, v in m.items() if k != "n_users")
+                   + f"  (n_users {m['n_users']})")
 
 
 @app.command("compare")
