@@ -165,7 +165,8 @@ class Server:
 
 def server_env(artifacts: Path, **env: str) -> dict[str, str]:
     base = {**os.environ, "XCROSS_ARTIFACTS": str(artifacts), "XCROSS_PRECISION": "fp32", "XCROSS_THREADS": "1",
-            "XCROSS_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1"}
+            "XCROSS_LOG_LEVEL": "warning", "PYTHONUNBUFFERED": "1",
+            "XCROSS_RECALL_N": "0"}  # no text recall: embedding three real catalogs would cost minutes per start
     base.pop("REDIS_URL", None)
     return {**base, **env}
 
