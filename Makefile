@@ -21,9 +21,11 @@ venv: $(BIN)/.installed
 serve: venv
 	$(BIN)/python -m service --host $(HOST) --port $(PORT)
 
-# The whole suite, against the real Redis at $(REDIS_URL).
+# The whole suite (scripts/run_tests.sh): against the Redis at $(REDIS_URL) (default redis://127.0.0.1:6379/0),
+# or a throwaway redis-server it starts and stops when none answers there; installs promtool (package
+# `prometheus`) and haproxy with apt-get when missing, or stops with one line saying what to install.
 test: venv
-	REDIS_URL=$${REDIS_URL:-redis://127.0.0.1:6379/0} $(BIN)/python -m pytest -q
+	PY=$(BIN)/python bash scripts/run_tests.sh
 
 lint: venv
 	$(BIN)/ruff check model training service bench tests

@@ -18,7 +18,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit(
             f"Redis is unreachable at REDIS_URL={REDIS_URL} ({exc}). The suite needs a real Redis: start one with\n"
             "  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' --appendonly no\n"
-            "or run .ci/run, which starts it for you.",
+            "or run `make test`, which starts a throwaway one when none answers at REDIS_URL.",
             returncode=3,
         )
 
