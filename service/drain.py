@@ -81,7 +81,8 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if (self.drain_started is not None and not self.should_exit
                 and time.monotonic() - self.drain_started >= self.drain_s):
-            log.info("drain over: no new connections; finishing the requests in flight")
+            log.info("drain over: no new connections; finishing the requests in flight (%d connections open)",
+                     len(self.server_state.connections))
             self.should_exit = True
         return await super().on_tick(counter)
 
@@ -91,6 +92,8 @@ class DrainingServer(uvicorn.Server):
         left = self.graceful_timeout_s - (time.monotonic() - (self.drain_started or time.monotonic()))
         self.config.timeout_graceful_shutdown = max(0.1, left - min(1.0, 0.1 * self.graceful_timeout_s))
         await super().shutdown(sockets=sockets)
+        if self.drain_started is not None:
+            log.info("stopped %.2f s after the signal", time.monotonic() - self.drain_started)
 
     def _overdue(self) -> None:
         log.error("still running %g s after the signal (XCROSS_GRACEFUL_TIMEOUT_S): exiting with status %d",

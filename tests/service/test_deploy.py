@@ -52,8 +52,9 @@ def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
 
 def test_services_ports_and_healthchecks(compose):
     services = compose["services"]
-    assert set(services) == {"api", "redis", "prometheus"}
-    assert services["api"]["ports"] == ["${XCROSS_API_PORTS:-8000}:8000"]
+    assert set(services) == {"lb", "api", "redis", "prometheus"}
+    assert services["lb"]["ports"] == ["${XCROSS_API_PORT:-8000}:8000"]
+    assert "ports" not in services["api"] and services["api"]["expose"] == ["8000"]  # replicas sit behind lb
     assert services["prometheus"]["ports"] == ["9090:9090"]
     for name, service in services.items():
         test = service["healthcheck"]["test"]
@@ -85,7 +86,7 @@ def test_prometheus_scrapes_the_api_service(compose):
     assert job["metrics_path"] == "/metrics"
     targets = [f"{name}:{sd['port']}" for sd in job.get("dns_sd_configs", []) for name in sd["names"]]
     targets += [t for sc in job.get("static_configs", []) for t in sc["targets"]]
-    api_port = compose["services"]["api"]["ports"][0].rsplit(":", 1)[1]
+    api_port = compose["services"]["api"]["expose"][0]
     assert targets == [f"api:{api_port}"]  # the compose service name and its container port
 
 
@@ -95,7 +96,32 @@ def test_cpu_override_drops_the_gpu_and_uses_the_cpu_image(compose):
     assert gpu_devices(api) == [] and "deploy" not in api
     assert api["build"]["dockerfile"] == "docker/Dockerfile.cpu" and api["environment"]["XCROSS_DEVICE"] == "cpu"
     assert api["environment"]["REDIS_URL"] == "redis://redis:6379/0"  # the rest is kept
-    assert set(merged["services"]) == {"api", "redis", "prometheus"}
+    assert set(merged["services"]) == {"lb", "api", "redis", "prometheus"}
+
+
+def test_the_balancer_runs_the_tested_haproxy_config_in_front_of_the_replicas(compose):
+    """lb mounts docker/haproxy.cfg (the file test_balancer.py runs) and its compose branch finds the replicas by
+    DNS; the api's drain fits in its stop grace period and outlasts lb's health checks."""
+    lb, api = compose["services"]["lb"], compose["services"]["api"]
+    assert lb["image"].startswith("haproxy:")
+    mount = next(v for v in lb["volumes"] if v.endswith(":/usr/local/etc/haproxy/haproxy.cfg:ro"))
+    assert (REPO / mount.split(":")[0]).resolve() == REPO / "docker" / "haproxy.cfg"
+    assert lb["environment"]["XCROSS_LB_BIND"] == ":" + lb["ports"][0].rsplit(":", 1)[1]
+    assert "/lb-healthz" in " ".join(lb["healthcheck"]["test"]) and "api" in lb["depends_on"]
+    cfg = (REPO / "docker" / "haproxy.cfg").read_text()
+    for line in ("option httpchk", "http-check send meth GET uri /readyz", "http-check expect status 200",
+                 "retries 3", "option redispatch 1", "retry-on conn-failure empty-response 503",
+                 "option http-buffer-request", 'bind "${XCROSS_LB_BIND-:8000}"', "monitor-uri /lb-healthz",
+                 f"server-template api 1-8 api:{api['expose'][0]} resolvers docker init-addr none",
+                 "nameserver dns 127.0.0.11:53"):
+        assert line in cfg, line
+    inter = float(re.search(r'inter "\$\{XCROSS_LB_CHECK_INTER-(\d+)s\}" fall (\d+)', cfg).group(1))
+    fall = int(re.search(r"inter \S+ fall (\d+)", cfg).group(1))
+    check_timeout = float(re.search(r"timeout check (\d+)s", cfg).group(1))
+    env = api["environment"]
+    drain, graceful = float(env["XCROSS_DRAIN_S"]), float(env["XCROSS_GRACEFUL_TIMEOUT_S"])
+    assert fall * inter + check_timeout < drain < graceful  # out of rotation before the replica stops accepting
+    assert float(api["stop_grace_period"].removesuffix("s")) > graceful  # compose's SIGKILL comes after the exit
 
 
 @pytest.mark.parametrize(("dockerfile", "base", "extra"), [("docker/Dockerfile", "nvidia/cuda:", ".[gpu]"),

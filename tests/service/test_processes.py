@@ -30,7 +30,8 @@ def replicas(minilm_artifacts, redis_url, tmp_path_factory):
     save time (the in-process tests cover it). The last test of this module stops the second one (SIGTERM)."""
     logs = tmp_path_factory.mktemp("replicas")
     servers = [start_server(server_env(minilm_artifacts, REDIS_URL=redis_url, XCROSS_WARMUP="0",
-                                       XCROSS_LOG_LEVEL="info"), logs / f"api{i}.log") for i in range(2)]
+                                       XCROSS_LOG_LEVEL="info", XCROSS_DRAIN_S="0"), logs / f"api{i}.log")
+               for i in range(2)]  # no drain: SIGTERM stops accepting at once (the drain: test_balancer.py)
     try:
         for s in servers:
             wait_server(s)
@@ -161,8 +162,7 @@ def test_sigterm_during_a_load_lets_in_flight_requests_finish(replicas, minilm_e
         httpx.get(server.url + "/healthz", timeout=2)
     for t in threads:
         t.join(60)
-    # uvicorn shuts down cleanly, then re-raises SIGTERM: the process ends as killed by it (-15), not by a crash
-    assert server.proc.wait(30) == -signal.SIGTERM
+    assert server.proc.wait(30) == 0  # a clean shutdown exits 0 (a second SIGTERM would end it as killed: -15)
     expected = direct_rankings(payloads, minilm_engine.recommend)
     for r, want in zip(results, expected, strict=True):
         assert r is not None and r.status_code == 200, r
