@@ -196,6 +196,10 @@ def _extra_sections(results: Path, preset: str) -> list[str]:
             recall_section = None
         if recall_section is not None:
             parts += [recall_section(), ""]
+    if list(results.glob("full_catalog-*.json")):  # issue 20: whole-catalog recall + rerank
+        from training.full_catalog import markdown_section as full_catalog_section
+
+        parts += [full_catalog_section(results), ""]
     return parts
 
 
