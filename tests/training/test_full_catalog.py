@@ -1,0 +1,55 @@
+"""training/full_catalog.py: whole-catalog ranks (ties against the target, history excluded), reranked ranks with
+misses, the metrics, paired tests and the report section."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from training.full_catalog import full_rank, markdown_section, ndcg10, paired, rank_in, summarize
+
+
+def test_full_rank_excludes_history_and_counts_ties_against_the_target():
+    scores = np.array([0.9, 0.5, 0.5, 0.1, 0.95])
+    assert full_rank(scores, target=1, exclude=[]) == 4  # 0.95, 0.9 and the tied 0.5 count
+    assert full_rank(scores, target=1, exclude=[4, 0]) == 2
+    assert full_rank(scores, target=3, exclude=[0]) == 4
+
+
+def test_rank_in_recalled_candidates():
+    assert rank_in([5, 7, 9], [0.1, 0.3, 0.2], target=9) == 2
+    assert rank_in([5, 7, 9], [0.1, 0.3, 0.2], target=4) is None  # not recalled: a miss
+    assert rank_in([5, 7], [1.0, 1.0], target=7) == 2
+
+
+def test_summarize_and_paired():
+    ranks = [1, 3, 60, 150, None]
+    m = summarize(ranks)
+    assert m["recall@50"] == pytest.approx(40) and m["recall@100"] == pytest.approx(60)
+    assert m["recall@200"] == pytest.approx(80) and m["hit@10"] == pytest.approx(40)
+    assert m["ndcg@10"] == pytest.approx(100 * (1 + 1 / math.log2(4)) / 5)
+    assert ndcg10(None) == 0.0 and ndcg10(11) == 0.0
+    t = paired([1, 2, None, 5], [None, 2, None, 20])
+    assert t["hit@10"]["diff"] == pytest.approx(50) and 0 < t["hit@10"]["p_value"] <= 1
+    assert paired([1, 2], [1, 2])["ndcg@10"]["p_value"] == 1.0
+
+
+def test_markdown_section(tmp_path):
+    row = {"recall@50": 10.0, "recall@100": 20.0, "recall@200": 30.0, "hit@10": 5.0, "ndcg@10": 2.5, "n_users": 4}
+    test = {m: {"diff": 1.0, "p_value": 0.5} for m in ("hit@10", "ndcg@10")}
+    result = {"domain": "Tools", "users": 4, "catalog_items": 5820, "preset": "cpu", "commit": "abc",
+              "command": "python -m training full-catalog --domain Tools", "torch_threads": 1,
+              "metrics": {"text": row, "text+xcross": row}, "paired_ttests": {"text+xcross vs text": test},
+              "ann": {"library": "usearch", "index": "HNSW", "agreement_with_exact": {"top50": 99.0, "top100": 98.5,
+                                                                                     "top200": 98.0},
+                      "query_ms": 0.5, "exact_query_ms": 0.7, "build_s": 1.0},
+              "rerankers": {"xcross": {"sha": "0123456789ab", "rerank_s": 10.0}}}
+    (tmp_path / "full_catalog-Tools.json").write_text(json.dumps(result))
+    md = markdown_section(tmp_path)
+    assert "### Tools (4 dev users, 5820 items)" in md
+    assert "| text top-200 + X-Cross rerank | 10.00 | 20.00 | 30.00 | 5.00 | 2.50 |" in md
+    assert "| text+xcross vs text | +1.00 | 0.5 | +1.00 | 0.5 |" in md
+    assert "99.00 / 98.50 / 98.00%" in md
