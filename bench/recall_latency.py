@@ -46,7 +46,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    settings = load_settings(redis_url=None, threads=args.threads, recall_n=0, warmup=False)  # recall: below
+    settings = load_settings(redis_url=None, threads=args.threads, recall_n=0, warmup=False,  # recall: below
+                             request_timeout_s=600)  # 200 candidates on one loaded thread can pass 30 s
     engine = load_engine(settings)
     engine.recall = build_text_recall(engine.backbone, engine.catalogs, [args.domain], args.index,
                                       load_settings().recall_cache)  # cached fp32 embeddings (training/full_catalog)

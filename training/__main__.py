@@ -309,14 +309,15 @@ def full_catalog_cmd(domain: Annotated[str, typer.Option(callback=_domain)],
                      users_file: Annotated[Path | None, typer.Option(help="a dev.jsonl-format file (default: dev)")]
                      = None,
                      rerank_n: Annotated[int, typer.Option(help="text-recall items each reranker scores")] = 200,
-                     rerankers: Annotated[str, typer.Option(help="comma-separated checkpoint kinds")] = "xcross,lora",
+                     rerankers: Annotated[str, typer.Option(help="checkpoint kinds, comma-separated; \"\": none")]
+                     = "xcross,lora",
                      preset: PresetOpt = "cpu", quiet: QuietOpt = False, artifacts: ArtifactsOpt = None,
                      results: ResultsOpt = None, runs: RunsOpt = None, data: DataOpt = None) -> None:
     """Two-stage evaluation over the whole catalog: recall stages (Recall@50/100/200), recall vs recall + rerank."""
     from training.full_catalog import command_line, full_catalog
 
     ctx = _ctx(preset, quiet, 0, artifacts, results, runs, data)
-    out = full_catalog(ctx, domain, users or None, users_file, rerank_n, tuple(rerankers.split(",")),
+    out = full_catalog(ctx, domain, users or None, users_file, rerank_n, tuple(r for r in rerankers.split(",") if r),
                        command=command_line())
     for name, m in out["metrics"].items():
         typer.echo(f"{name:>14}: " + "  ".join(f"{k} {v:.2f}" for k, v in m.items() if k != "n_users")
