@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from model.recall.text import ExactIndex, history_query
@@ -107,3 +108,32 @@ def test_hnsw_index_serves_the_same_path(tiny_bb, tiny_artifacts, catalogs, reca
         out = c.post("/recommend", json={"domain": "Tools", "history": [{"id": i} for i in HISTORY]}).json()
     assert out["recall"].endswith("/hnsw") and len(out["items"]) == 10
     assert not {it["id"] for it in out["items"]} & set(HISTORY)
+
+
+def test_load_engine_builds_the_recall_stage_before_bf16(tmp_path):
+    """The service's own loading: every served catalog gets text recall, embedded in fp32 before the backbone's
+    shared weights go bf16 (and cached); a raw history title is then embedded under bf16 autocast."""
+    from model.backbone import load_backbone
+    from model.recall.text import embed_titles
+    from service.loading import load_engine
+    from service.schemas import RecommendRequest
+
+    from .conftest import save_artifacts
+
+    artifacts = save_artifacts(tmp_path / "artifacts", load_backbone("tiny:bert"), top_k=1)
+    settings = app_settings(artifacts=artifacts, backbone="tiny:bert", backend="torch-bf16", precision="bf16",
+                            threads=1, recall_cache=tmp_path / "cache", recall_n=25)
+    engine = load_engine(settings)
+    try:
+        assert sorted(engine.recall) == ["Electronics", "Sports", "Tools"]
+        assert len(list((tmp_path / "cache").glob("Tools-*.npy"))) == 1
+        assert any(p.dtype == torch.bfloat16 for p in engine.backbone.model.parameters())  # served in bf16 ...
+        fresh = load_backbone("tiny:bert")
+        titles = engine.catalogs["Tools"].titles[:8]
+        np.testing.assert_allclose(engine.recall["Tools"].recall.embeddings[:8],  # ... recall embedded in fp32
+                                   embed_titles(fresh.model, fresh.tokenizer, titles), atol=1e-5)
+        out = engine.recommend(RecommendRequest.model_validate(
+            {"domain": "Tools", "history": [{"title": "Stanley claw hammer"}, {"id": 3}], "top_k": 5}))
+        assert out.recall == "text:tiny:bert/exact" and len(out.items) == 5 and 3 not in [it.id for it in out.items]
+    finally:
+        engine.close()
