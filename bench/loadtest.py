@@ -95,6 +95,12 @@ def same_ranking(got: Sequence[dict[str, Any]], want: Sequence[dict[str, Any]], 
     return None
 
 
+def served_domains(ready: dict[str, Any]) -> list[str]:
+    """The domains of a /readyz body: its `models` keys are `<Domain>` (the domain's default model) and
+    `<Domain>:<kind>` (the other kinds served for it)."""
+    return sorted({key.split(":", 1)[0] for key in ready["models"]})
+
+
 def dev_payloads(domains: Sequence[str], n: int, data_root: str | Path | None = None, seed: int = 0,
                  candidates: int = 30, history: int = 50) -> list[dict[str, Any]]:
     """`n` requests from dev users of `domains` (round robin): the (last `history`) history ids and (the first
@@ -168,14 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=30, help="candidates per request (<= 30)")
     parser.add_argument("--history", type=int, default=50, help="most recent history items per request")
     parser.add_argument("--check", action="store_true", help="compare every ranking with the direct model call")
-    parser.add_argument("--tol", type=float, default=1e-4, help="score tolerance for --check (fp32; ~0.05 bf16)")
+    parser.add_argument("--tol", type=float, default=None,
+                        help="score tolerance for --check (default: 1e-4 when the server runs fp32, else 0.05)")
     args = parser.parse_args(argv)
     require_loopback(args.url)
     ready = httpx.get(args.url + "/readyz", timeout=10).json()
     if not ready.get("ready"):
         print(f"server not ready: {ready}", file=sys.stderr)
         return 1
-    payloads = dev_payloads(sorted(ready["models"]), args.payloads, candidates=args.candidates,
+    tol = args.tol if args.tol is not None else (1e-4 if ready.get("precision") == "fp32" else 0.05)
+    payloads = dev_payloads(served_domains(ready), args.payloads, candidates=args.candidates,
                             history=args.history)
     expected = None
     if args.check:
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         expected = direct_rankings(payloads, engine.recommend)
         direct_rps = len(payloads) / (time.perf_counter() - t0)
     report = asyncio.run(run_load(args.url, payloads, clients=args.clients, requests=args.requests,
-                                  expected=expected, tol=args.tol))
+                                  expected=expected, tol=tol))
     print(f"server: {ready['device']} {ready['precision']}, models {', '.join(ready['models'].values())}")
     print(report.format())
     if expected is not None:

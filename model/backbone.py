@@ -105,10 +105,29 @@ def _freeze(model: nn.Module) -> nn.Module:
 
 def _load_encoder(path: str, **kw: Any) -> nn.Module:
     from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
 
     config = AutoConfig.from_pretrained(path, **kw)
     extra = {"add_pooling_layer": False} if _family(config.model_type) == "bert" else {}
-    return AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa" if extra else None, **extra, **kw)
+    # transformers' load-report table (the checkpoint's pooler.* rows are UNEXPECTED: the pooler is left out on
+    # purpose) and its progress bar are silenced while loading; missing weights still get a line of ours.
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = AutoModel.from_pretrained(path, config=config, attn_implementation="sdpa" if extra else None,
+                                                output_loading_info=True, **extra, **kw)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    if info.get("missing_keys"):  # initialised at random: worth one line (unexpected keys are other tasks' heads)
+        import logging
+
+        missing = sorted(info["missing_keys"])
+        logging.getLogger(__name__).warning("%s: %d encoder weights missing from the checkpoint, initialised at "
+                                            "random: %s", path, len(missing), ", ".join(missing[:5]))
+    return model
 
 
 def tiny_config(family: str, layers: int = 2, hidden: int = 32) -> Any:

@@ -182,6 +182,43 @@ def build_runtime(backend: str, models: dict[str, ServedModel], settings: Settin
                               backend, device, torch.get_num_threads())
 
 
+def redis_state(url: str | None, timeout_s: float = 0.5) -> str:
+    """One phrase for the start-up log: off (no REDIS_URL), ok or down at the URL (credentials left out)."""
+    if url is None:
+        return "off (REDIS_URL unset: in-process token cache only)"
+    from urllib.parse import urlparse
+
+    import redis
+
+    u = urlparse(url)
+    where = f"{u.scheme}://{u.hostname}:{u.port or 6379}{u.path}"
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s).ping()
+    except redis.RedisError as exc:
+        return f"down at {where} ({type(exc).__name__}): serving without it, retried while serving"
+    return f"ok at {where} (token cache shared with the other replicas)"
+
+
+def startup_summary(models: dict[str, ServedModel], settings: Settings, device: str, backend: str, why: str,
+                    malloc: bool) -> list[str]:
+    """What the service serves, in a few lines of its own (logged at start by `load_engine`)."""
+    domains: dict[str, list[str]] = {}
+    for key, m in sorted(models.items()):
+        domains.setdefault(m.domain, [])
+        if key == m.domain:  # the domain's default kind first
+            domains[m.domain].insert(0, m.kind)
+        else:
+            domains[m.domain].append(m.kind)
+    kinds = "; ".join(f"{d}: {', '.join(k)}" for d, k in domains.items()) or "nothing"
+    lines = [f"serving {len(domains)} domains ({kinds}; the first kind is the default, XCROSS_MODEL="
+             f"{settings.model}) from {settings.artifacts}",
+             "models: " + (", ".join(m.name for _, m in sorted(models.items())) or "none"),
+             f"device {device}, backend {backend} ({BACKEND_PRECISION[backend]}; {why}), "
+             f"{torch.get_num_threads()} threads, malloc tuning {'on' if malloc else 'off'}",
+             f"Redis {redis_state(settings.redis_url, settings.cache_timeout_s * 10)}"]
+    return lines
+
+
 def load_engine(settings: Settings) -> Engine:
     """Everything the service needs, loaded once; raises StartupError / CheckpointError with a clear message."""
     device = resolve_device(settings.device)
@@ -210,10 +247,8 @@ def load_engine(settings: Settings) -> Engine:
     recall = (build_text_recall(backbone, catalogs, catalogs.domains, settings.recall_index, settings.recall_cache)
               if settings.recall_n > 0 else {})
     runtime = build_runtime(backend, models, settings, backbone, device)
-    log.info("serving %s on %s, backend %s (%s; %s), %d threads, malloc tuning %s, Redis %s",
-             ", ".join(f"{k}={m.name}" for k, m in models.items()) or "nothing", device, backend,
-             BACKEND_PRECISION[backend], why, torch.get_num_threads(), "on" if malloc else "off",
-             "on" if settings.redis_url else "off")
+    for line in startup_summary(models, settings, device, backend, why, malloc):
+        log.info("%s", line)
     return Engine(backbone, models, catalogs, cache, runtime=runtime, max_len=settings.max_len,
                   max_history=settings.max_history, batch_prompts=settings.batch_prompts, recall=recall,
                   recall_n=settings.recall_n)
