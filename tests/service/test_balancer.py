@@ -16,6 +16,7 @@ import http.client
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -40,6 +41,13 @@ CLIENTS = 3  # keep-alive clients of the bounded load
 PAUSE_S = 0.02  # each client's pause between requests (bounds the load on a shared 2-core machine)
 KILL9_BOUND = CLIENTS  # failures allowed for a kill -9: at most the requests in flight on the killed replica
 HAPROXY_CFG = REPO / "docker" / "haproxy.cfg"
+HAPROXY_LOG: dict[str, Path] = {}
+RETRIES = re.compile(r" \d+/\d+/\d+/\d+/\+?(\d+) \d+/\d+ \"POST /recommend")  # httplog: .../retries (+ = redispatched)
+
+
+def haproxy_retries() -> int:
+    """Retries HAProxy made so far for POST /recommend (from its request log)."""
+    return sum(int(m.group(1)) for m in RETRIES.finditer(HAPROXY_LOG["path"].read_text()))
 
 
 def haproxy_binary() -> str:
@@ -217,7 +225,8 @@ def replicas(replica_env, tmp_path_factory) -> list[Server]:
 
 @pytest.fixture(scope="module")
 def balancer(replicas, tmp_path_factory) -> str:
-    """HAProxy on a free loopback port in front of both replicas, health-checking /readyz every 250 ms."""
+    """HAProxy on a free loopback port in front of both replicas, health-checking /readyz every 250 ms; its log
+    (one line per request, option httplog) is HAPROXY_LOG["path"]."""
     binary = haproxy_binary()
     port = free_port()
     env = {**os.environ, "XCROSS_LB_BIND": f"127.0.0.1:{port}", "XCROSS_LB_CHECK_INTER": "250ms",
@@ -225,7 +234,7 @@ def balancer(replicas, tmp_path_factory) -> str:
            "XCROSS_LB_API2": replicas[1].url.removeprefix("http://")}
     check = subprocess.run([binary, "-c", "-f", str(HAPROXY_CFG)], env=env, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
-    log = tmp_path_factory.mktemp("haproxy") / "haproxy.log"
+    log = HAPROXY_LOG["path"] = tmp_path_factory.mktemp("haproxy") / "haproxy.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([binary, "-db", "-f", str(HAPROXY_CFG)], env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
@@ -260,6 +269,7 @@ def wait_in_rotation(server: Server, timeout: float = 30) -> None:
 
 
 def test_rolling_restart_behind_haproxy_loses_no_request(replicas, balancer, replica_env, payloads, expected):
+    retries0 = haproxy_retries()
     with Load(balancer, payloads, expected) as load:
         for s in replicas:
             wait_in_rotation(s)  # both replicas serve before the restarts
@@ -281,7 +291,8 @@ def test_rolling_restart_behind_haproxy_loses_no_request(replicas, balancer, rep
     bad = failed(outcomes)
     print(f"\nrolling restart through haproxy: {len(outcomes)} requests ({len(during)} during the restarts, "
           f"{t_end - t_start:.1f} s), {len(bad)} failed; p99 {p99_ms(during):.0f} ms during the restarts, "
-          f"{p99_ms([o for o in outcomes if o.t0 < t_start]):.0f} ms before; exits "
+          f"{p99_ms([o for o in outcomes if o.t0 < t_start]):.0f} ms before; {haproxy_retries() - retries0} retried "
+          f"by haproxy; exits "
           f"{[(rc, round(s, 2)) for rc, s in exits]}")
     assert not bad, "\n".join(describe(o, t_start) for o in bad[:20])
     assert len(during) >= 10, "the load did not run through the restarts"
@@ -294,6 +305,7 @@ def test_rolling_restart_behind_haproxy_loses_no_request(replicas, balancer, rep
 def test_kill_9_of_one_replica_under_load_is_absorbed_by_the_balancer(replicas, balancer, replica_env, payloads,
                                                                       expected):
     a, b = replicas
+    retries0 = haproxy_retries()
     with Load(balancer, payloads, expected) as load:
         for s in replicas:
             wait_in_rotation(s)  # both replicas serve before the kill
@@ -306,7 +318,8 @@ def test_kill_9_of_one_replica_under_load_is_absorbed_by_the_balancer(replicas, 
     bad = failed(outcomes)
     after = [o for o in outcomes if o.t0 >= t_kill]
     print(f"\nkill -9 of one replica through haproxy: {len(outcomes)} requests ({len(after)} after the kill), "
-          f"{len(bad)} failed (bound {KILL9_BOUND}); p99 {p99_ms(after):.0f} ms after the kill")
+          f"{len(bad)} failed (bound {KILL9_BOUND}), {haproxy_retries() - retries0} retried by haproxy; "
+          f"p99 {p99_ms(after):.0f} ms after the kill")
     for o in bad:
         print("  " + describe(o, t_kill))
     assert len(bad) <= KILL9_BOUND, "\n".join(describe(o, t_kill) for o in bad)
