@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -35,6 +36,7 @@ from service.metrics import CONTENT_TYPE, Metrics
 from service.recall import RecallMetrics, RecallModels, recall_data_root
 from service.recall import router as recall_router
 from service.schemas import (
+    TITLE_PATTERN,
     ErrorResponse,
     InputError,
     Limits,
@@ -339,26 +341,105 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             state.engine.close()
 
 
-def _openapi(app: FastAPI, settings: Settings, domains: list[str] | None) -> dict[str, Any]:
-    """The generated document, with the configured limits (and served domains, when known) filled in."""
-    if app.openapi_schema is None:
-        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        schemas = doc["components"]["schemas"]
-        req = schemas["RecommendRequest"]["properties"]
-        req["history"]["maxItems"] = settings.max_history
-        req["candidates"]["maxItems"] = settings.max_candidates
-        req["top_k"]["maximum"] = settings.max_candidates
-        if domains is not None:
-            req["domain"]["enum"] = domains
-        for branch in schemas["Item"]["properties"]["title"].get("anyOf", []):
-            if branch.get("type") == "string":
-                branch["maxLength"] = settings.max_title_chars
+def _openapi(app: FastAPI, settings: Settings) -> dict[str, Any]:
+    """The generated document with the configured limits and the real choices of the loaded state filled in, so
+    that the schema and the validation agree: per served domain a RecommendRequest variant (`domain` its name,
+    `model` the kinds served for it, item ids in its catalog's range, asins from its catalog), and the served recall
+    datasets with their domains and id ranges. Cached once the models are loaded."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = doc["components"]["schemas"]
+    state: ServiceState = app.state.service
+    _publish_limits(schemas, settings)
+    if state.engine is not None and state.engine.domains:
+        _publish_domains(schemas, state.engine)
+    if app.state.recall.models:
+        _publish_recall(schemas, app.state.recall, settings)
+    if state.engine is not None and state.status != "loading":
         app.openapi_schema = doc
-    return app.openapi_schema
+    return doc
 
 
-def _served_domains(state: ServiceState) -> list[str] | None:
-    return state.engine.domains if state.engine is not None and state.engine.domains else None
+def _array(prop: dict[str, Any]) -> dict[str, Any]:
+    """The array branch of a property (`list[X] | None` is an anyOf with null)."""
+    return next((b for b in prop.get("anyOf", []) if b.get("type") == "array"), prop)
+
+
+def _publish_limits(schemas: dict[str, Any], settings: Settings) -> None:
+    req = schemas["RecommendRequest"]["properties"]
+    _array(req["history"])["maxItems"] = settings.max_history
+    _array(req["candidates"])["maxItems"] = settings.max_candidates
+    req["top_k"]["maximum"] = settings.max_candidates
+    # an item is exactly one of id, asin, title, none of them null (min/maxProperties 1)
+    item = schemas["Item"]["properties"]
+    for key in ("id", "asin", "title"):
+        prop = item[key]
+        branch = next(b for b in prop.pop("anyOf", [prop]) if b.get("type") != "null")
+        prop.pop("default", None)
+        prop.update(branch)
+        for short, long in (("ge", "minimum"), ("le", "maximum")):  # pydantic leaves these in a validated union
+            if short in prop:
+                prop[long] = prop.pop(short)
+    item["title"].update(maxLength=settings.max_title_chars, pattern=TITLE_PATTERN)
+
+
+def _publish_domains(schemas: dict[str, Any], engine: Engine) -> None:
+    base, item = schemas.pop("RecommendRequest"), schemas["Item"]
+    variants, mapping = [], {}
+    for domain in engine.domains:
+        catalog = engine.catalogs[domain]
+        it = copy.deepcopy(item)
+        it["title"] = f"Item ({domain})"
+        it["properties"]["id"]["maximum"] = len(catalog.titles) - 1
+        it["properties"]["asin"]["enum"] = sorted({a for a in catalog.asins if a})
+        schemas[f"Item{domain}"] = it
+        v = copy.deepcopy(base)
+        v["title"] = f"RecommendRequest ({domain})"
+        props = v["properties"]
+        props["domain"] = {"type": "string", "enum": [domain], "title": "Domain",
+                           "description": props["domain"].get("description", "")}
+        props["model"] = {"anyOf": [{"type": "string", "enum": sorted(engine.kinds(domain))}, {"type": "null"}],
+                          "title": "Model", "description": props["model"].get("description", "")}
+        for key in ("history", "candidates"):
+            _array(props[key])["items"] = {"$ref": f"#/components/schemas/Item{domain}"}
+        if not (engine.recall_n > 0 and domain in engine.recall):  # no recall stage: the candidates are required
+            props["candidates"] = {**_array(props["candidates"]), "description": props["candidates"].get(
+                "description", "")}
+            props["candidates"].pop("default", None)
+            v["required"] = sorted({*v.get("required", []), "candidates"})
+        ref = f"#/components/schemas/RecommendRequest{domain}"
+        schemas[f"RecommendRequest{domain}"] = v
+        variants.append({"$ref": ref})
+        mapping[domain] = ref
+    schemas["RecommendRequest"] = {"title": "RecommendRequest", "description": base.get("description", ""),
+                                   "oneOf": variants, "discriminator": {"propertyName": "domain", "mapping": mapping}}
+
+
+def _publish_recall(schemas: dict[str, Any], served: RecallModels, settings: Settings) -> None:
+    base = schemas.pop("RecallRequest")
+    variants, mapping = [], {}
+    for dataset, s in sorted(served.models.items()):
+        v = copy.deepcopy(base)
+        v["title"] = f"RecallRequest ({dataset})"
+        props = v["properties"]
+        props["dataset"] = {"type": "string", "enum": [dataset], "title": "Dataset",
+                            "description": props["dataset"].get("description", "")}
+        props["domain"] = {"type": "string", "enum": list(s.catalog.domains), "title": "Domain",
+                           "description": props["domain"].get("description", "")}
+        props["history"]["maxItems"] = settings.max_history
+        name = "RecallItem" + "".join(part.capitalize() for part in dataset.split("-"))
+        it = copy.deepcopy(schemas["RecallItem"])
+        it["title"] = f"RecallItem ({dataset})"
+        it["properties"]["id"]["maximum"] = s.catalog.n_items
+        schemas[name] = it
+        props["history"]["items"] = {"$ref": f"#/components/schemas/{name}"}
+        ref = f"#/components/schemas/RecallRequest{name.removeprefix('RecallItem')}"
+        schemas[ref.rsplit("/", 1)[1]] = v
+        variants.append({"$ref": ref})
+        mapping[dataset] = ref
+    schemas["RecallRequest"] = {"title": "RecallRequest", "description": base.get("description", ""),
+                                "oneOf": variants, "discriminator": {"propertyName": "dataset", "mapping": mapping}}
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -377,5 +458,5 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.add_middleware(RequestMetrics, metrics=app.state.service.metrics,
                        paths=frozenset(route.path for route in router.routes))
     app.add_middleware(CloseWhileDraining, is_draining=lambda: app.state.service.draining)
-    app.openapi = lambda: _openapi(app, settings, _served_domains(app.state.service))
+    app.openapi = lambda: _openapi(app, settings)
     return app

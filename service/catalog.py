@@ -33,8 +33,9 @@ class Resolved:
 
 
 def prompt_title(raw: str) -> str:
-    """A raw request title as the prompt uses it: unescaped, whitespace-normalised, first 8 words."""
-    return " ".join(normalize_title(raw, placeholder="").split(" ")[:MAX_TITLE_WORDS])
+    """A raw request title as the prompt uses it: unescaped, whitespace-normalised, first 8 words; one that is
+    empty after unescaping (e.g. `&nbsp;`) is `unknown item`, as the catalogs' empty titles are."""
+    return " ".join(normalize_title(raw).split(" ")[:MAX_TITLE_WORDS])
 
 
 class Catalogs:

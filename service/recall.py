@@ -27,12 +27,12 @@ import torch
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry, Histogram, Info
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from model.recall.data import DATASETS, DEFAULT_DATA, Catalog, dataset_dir, load_catalog
 from model.recall.model import RecallModel
 from model.recall.train import batch_for_history, load_checkpoint
-from service.schemas import ErrorResponse, InputError, field_error
+from service.schemas import ErrorResponse, InputError, JsonInt, field_error
 
 log = logging.getLogger("service")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -42,7 +42,7 @@ class RecallItem(BaseModel):
     """A history item by catalog id."""
 
     model_config = ConfigDict(extra="forbid")
-    id: StrictInt = Field(ge=1, description="item id of the dataset's catalog (either domain)")
+    id: JsonInt = Field(ge=1, description="item id of the dataset's catalog (either domain)")
 
 
 EXAMPLE = {"dataset": "food-kitchen", "history": [{"id": 821}, {"id": 12016}], "domain": "kitchen", "top_k": 10}
@@ -55,7 +55,7 @@ class RecallRequest(BaseModel):
     dataset: StrictStr = Field(description="food-kitchen | beauty-electronics (those with a served model)")
     history: list[RecallItem] = Field(min_length=1, description="items of either domain, oldest first")
     domain: StrictStr = Field(description="the domain to retrieve from, e.g. kitchen")
-    top_k: StrictInt = Field(10, ge=1, le=1000, description="how many items to return")
+    top_k: JsonInt = Field(10, ge=1, le=1000, description="how many items to return")
 
 
 class RecalledItem(BaseModel):

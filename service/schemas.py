@@ -11,13 +11,37 @@ Every client error, whichever layer finds it, has one shape (FastAPI's, plus a r
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
-from model.prompts import normalize_title
+
+def _integral(v: Any) -> Any:
+    """JSON has one number type: 6190.0 is the integer 6190 to JSON Schema, so it is accepted as one (6190.5, "6190"
+    and true are not)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+JsonInt = Annotated[StrictInt, BeforeValidator(_integral)]
+"""An integer as JSON Schema's `type: integer` means it: 3 and 3.0, never 3.5, "3" or true."""
+
+# A raw title needs one character outside this set (whitespace in Python's, ECMAScript's and Unicode's sense); the
+# OpenAPI document publishes the same pattern, so the schema and the validation accept the same titles.
+TITLE_PATTERN = ("[^\\t\\n\\v\\f\\r \\u001c-\\u001f\\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f"
+                 "\\u205f\\u3000\\ufeff]")
+_TITLE_TEXT = re.compile(TITLE_PATTERN)
 
 
 class InputError(ValueError):
@@ -60,7 +84,7 @@ class Item(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"minProperties": 1, "maxProperties": 1})
 
-    id: StrictInt | None = Field(None, ge=0, description="catalog id of the domain (line index of items.jsonl)")
+    id: JsonInt | None = Field(None, ge=0, description="catalog id of the domain (line index of items.jsonl)")
     asin: StrictStr | None = Field(None, min_length=1, max_length=64, description="Amazon ASIN in the catalog")
     title: StrictStr | None = Field(None, min_length=1, description="raw title (HTML-unescaped, whitespace-"
                                                                      "normalised, cut to 8 words)")
@@ -79,8 +103,8 @@ class Item(BaseModel):
     @field_validator("title")
     @classmethod
     def _words(cls, v: str | None) -> str | None:
-        if v is not None and not normalize_title(v, placeholder=""):
-            raise ValueError("is empty after HTML unescaping and whitespace normalisation; give at least one word")
+        if v is not None and not _TITLE_TEXT.search(v):
+            raise ValueError("has only whitespace; give at least one word")
         return v
 
     @model_validator(mode="after")
@@ -108,7 +132,7 @@ class RecommendRequest(BaseModel):
                                                       "catalog: a recall stage picks XCROSS_RECALL_N items for the "
                                                       "history (its items excluded) and the model ranks those "
                                                       "(needs a non-empty history)")
-    top_k: StrictInt = Field(10, ge=1, description="how many ranked items to return (at most the candidates)")
+    top_k: JsonInt = Field(10, ge=1, description="how many ranked items to return (at most the candidates)")
     model: StrictStr | None = Field(None, min_length=1, max_length=32,
                                     description="checkpoint kind to rank with, one of those served for the domain "
                                                 "(xcross, weaverec, gca, lora; see /readyz); default: the "
