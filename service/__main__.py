@@ -3,7 +3,7 @@
     python -m service --host 127.0.0.1 --port 8000
     XCROSS_ARTIFACTS=/path/to/artifacts REDIS_URL=redis://127.0.0.1:6379/0 python -m service --port 9000
 
-Settings come from XCROSS_* variables (README "Service"). Models, catalogs and the token cache are loaded before
+Settings come from XCROSS_* variables (docs/service.md). Models, catalogs and the token cache are loaded before
 the server listens: a bad setting or a corrupt / mismatched checkpoint prints one line to stderr and exits with
 code 2. SIGTERM / Ctrl-C drains (service/drain.py, docs/reliability.md): /readyz answers 503 `draining` at once,
 requests are still answered for XCROSS_DRAIN_S (with `Connection: close`), then the server stops accepting, finishes

@@ -1,6 +1,6 @@
 """Service settings: one `Settings(BaseSettings)` read from `XCROSS_*` environment variables (and `REDIS_URL`).
 
-Every knob is declared here with its default and meaning; README "Service" lists them all (a test checks that).
+Every knob is declared here with its default and meaning; docs/service.md lists them all (a test checks that).
 `load_settings()` validates at start and turns pydantic's errors into one `SettingsError` whose lines name the
 environment variable, the value given and what to do, e.g.
 `XCROSS_BATCH_PROMPTS='0': Input should be greater than 0`.
@@ -155,7 +155,7 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def settings_table() -> list[tuple[str, str, str]]:
-    """(variable, default, meaning) for every setting: the README's table."""
+    """(variable, default, meaning) for every setting: the table of docs/service.md."""
     rows = []
     for name, field in Settings.model_fields.items():
         default = field.default
