@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -93,7 +95,7 @@ def cached_embeddings(cache_dir: Path | None, name: str, key: str,
     emb = compute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npy")  # replicas may race
         np.save(tmp, emb, allow_pickle=False)
         tmp.replace(path)
     except OSError as exc:  # a read-only cache directory costs load time, never the service
