@@ -227,14 +227,18 @@ ROWS = [("popularity", "popularity (recall alone)"), ("text", "text recall, exac
 
 def markdown_section(results: Path = REPO / "results") -> str:
     """The docs/results.md section from results/full_catalog-*.json."""
-    files = sorted(results.glob("full_catalog-*.json"))
+    from training.data import DOMAINS
+
+    files = sorted(results.glob("full_catalog-*.json"),
+                   key=lambda f: (DOMAINS.index(f.stem[13:]) if f.stem[13:] in DOMAINS else 99, f.name))
     parts = ["## Full catalog: recall + rerank (issue 20)", "",
              "The held-out dev target among the domain's **whole catalog** (history items excluded, no sampled "
              "negatives): Recall@N of each recall stage, and Hit@10 / NDCG@10 (x100) of recall alone vs the text "
              "recall's top 200 reranked by the served X-Cross and by the domain's own LoRA (a target the recall "
              "missed is a miss). Rank = items scoring >= the target. Produced by "
-             "`python -m training full-catalog --domain <D> --users 300` (module `training/full_catalog.py`); "
-             "p: two-sided paired t-test on per-user vectors.", ""]
+             "`python -m training full-catalog --domain <D> --users <N>` (module `training/full_catalog.py`; each "
+             "section names its users and command; a domain without rerank rows was run with `--rerankers ''`, "
+             "the recall stages only); p: two-sided paired t-test on per-user vectors.", ""]
     for path in files:
         r = json.loads(path.read_text())
         m = r["metrics"]
@@ -251,7 +255,7 @@ def markdown_section(results: Path = REPO / "results") -> str:
                          f"{t['ndcg@10']['diff']:+.2f} | {t['ndcg@10']['p_value']:.3g} |")
         a = r["ann"]
         ag = a["agreement_with_exact"]
-        rr = ", ".join(f"{k} {v['sha']} ({v['rerank_s']:.0f} s)" for k, v in r["rerankers"].items())
+        rr = ", ".join(f"{k} {v['sha']} ({v['rerank_s']:.0f} s)" for k, v in r["rerankers"].items()) or "none"
         parts += ["", f"HNSW ({a['library']}, {a['index']}) vs exact search: top-50 / 100 / 200 agreement "
                       f"{ag['top50']:.2f} / {ag['top100']:.2f} / {ag['top200']:.2f}%; query {a['query_ms']:.2f} ms "
                       f"vs exact {a['exact_query_ms']:.2f} ms, build {a['build_s']:.2f} s. Rerankers: {rr}. "
