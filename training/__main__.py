@@ -14,6 +14,7 @@
         --users ../shared/data/amazon-xcross/Tools/dev.jsonl --json   # any dev.jsonl-format file
     python -m training compare results/a.json results/b.json     # paired two-sided t-test per metric
     python -m training full-catalog --domain Tools --users 300  # whole-catalog recall + rerank (issue 20)
+    python -m training onboard --domain Garden --items items.csv --interactions events.csv  # a new domain (issue 19)
     python -m training report                                     # docs/results.md + docs/training_curves.png
     python -m training recall --help                              # cross-domain retrieval (docs/recall.md)
     python -m training variants --help                            # WeaveRec and GCA variants (docs/variants.md)
@@ -36,6 +37,7 @@ import typer
 from training.data import DOMAINS, check_domain
 from training.pipeline import Context, Paths
 from training.presets import get_preset
+from training.onboard import register as register_onboard
 from training.recall import app as recall_app
 from training.schedule import STAGES
 from training.variants import app as variants_app
@@ -58,6 +60,8 @@ app.add_typer(variants_app, name="variants", help="WeaveRec merging and gated cr
                                                    "(docs/variants.md)")
 app.add_typer(recall_app, name="recall", help="cross-domain retrieval (HSTU/TAPE/DDSR/GCA): train, evaluate, "
                                                "bench-attention, report")
+
+register_onboard(app)  # python -m training onboard (issue 19, training/onboard.py)
 
 MaxStepsOpt = Annotated[int | None, typer.Option(help="stop after N optimizer steps (resume later with --resume)")]
 
