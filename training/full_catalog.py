@@ -255,7 +255,8 @@ def markdown_section(results: Path = REPO / "results") -> str:
                          f"{t['ndcg@10']['diff']:+.2f} | {t['ndcg@10']['p_value']:.3g} |")
         a = r["ann"]
         ag = a["agreement_with_exact"]
-        rr = ", ".join(f"{k} {v['sha']} ({v['rerank_s']:.0f} s)" for k, v in r["rerankers"].items()) or "none"
+        rr = ", ".join(f"{k} {v['sha']} ({v['rerank_s']:.0f} s in this run)"
+                       for k, v in r["rerankers"].items()) or "none"
         parts += ["", f"HNSW ({a['library']}, {a['index']}) vs exact search: top-50 / 100 / 200 agreement "
                       f"{ag['top50']:.2f} / {ag['top100']:.2f} / {ag['top200']:.2f}%; query {a['query_ms']:.2f} ms "
                       f"vs exact {a['exact_query_ms']:.2f} ms, build {a['build_s']:.2f} s. Rerankers: {rr}. "
