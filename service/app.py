@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hmac
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.batching import Batcher, BatcherClosed, DeadlineExceeded, QueueFull
 from service.drain import CloseWhileDraining
 from service.engine import Engine
-from service.loading import load_engine
+from service.loading import ReloadError, engine_changes, load_engine, reload_engine, served_summary
 from service.metrics import CONTENT_TYPE, Metrics
 from service.recall import RecallMetrics, RecallModels, recall_data_root
 from service.recall import router as recall_router
@@ -66,6 +68,63 @@ class ServiceState:
     owns_engine: bool = False  # loaded by this app (and closed by it)
     status: str = "loading"  # loading -> warming up -> ready | no models | warm-up failed; shutting down
     draining: bool = False  # set by the first SIGTERM (service.drain): /readyz 503 `draining`, requests still served
+    reloads: int = 0  # successful reloads (POST /admin/reload, SIGHUP)
+    _reload_lock: asyncio.Lock | None = None
+    _retiring: set | None = None  # tasks closing the batchers (and engines) that a reload replaced
+
+    def new_batcher(self, engine: Engine) -> Batcher:
+        s = self.settings
+        return Batcher(engine.forward, max_prompts=s.batch_prompts, max_tokens=s.max_batch_tokens,
+                       wait_ms=s.batch_wait_ms, queue_prompts=s.queue_prompts, timeout_s=s.request_timeout_s,
+                       observer=self.metrics)
+
+    async def reload(self) -> dict[str, Any]:
+        """Build a complete new served state from disk (service.loading.reload_engine: models, catalogs, runtime,
+        validated by one real request per model), then swap engine and batcher in one step: a request resolves
+        both before its first await, so it runs entirely on the old state or entirely on the new one. The old
+        batcher finishes what it was given and closes after XCROSS_RELOAD_GRACE_S. Raises ReloadError (the old
+        state keeps serving) or RuntimeError when a reload is already running."""
+        if self._reload_lock is None:
+            self._reload_lock = asyncio.Lock()
+        if self._reload_lock.locked():
+            raise RuntimeError("a reload is already in progress; retry when it has finished")
+        async with self._reload_lock:
+            t0 = time.perf_counter()
+            new = await run_in_threadpool(reload_engine, self.settings)
+            old_engine, old_batcher, owned = self.engine, self.batcher, self.owns_engine
+            changes = engine_changes(old_engine, new)
+            batcher = self.new_batcher(new)
+            self.engine, self.batcher, self.owns_engine = new, batcher, True  # the swap: no await in between
+            self.metrics.set_engine(new)
+            for key in changes["removed"]:  # xcross_model_info shows what is served now
+                with contextlib.suppress(KeyError, AttributeError):
+                    self.metrics._model_info.remove(key)
+            if self.status in ("no models", "ready") or self.status.startswith("warm-up failed"):
+                self.status = "ready" if new.models else "no models"
+            self.reloads += 1
+            if self._retiring is None:
+                self._retiring = set()
+            task = asyncio.create_task(self._retire(old_engine if owned else None, old_batcher))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+            took = time.perf_counter() - t0
+            log.info("reload %d in %.1f s: added %s, removed %s, changed %s", self.reloads, took,
+                     changes["added"] or "-", changes["removed"] or "-", changes["changed"] or "-")
+            return {"reloaded": True, **changes, "models": served_summary(new), "domains": new.domains,
+                    "seconds": round(took, 2)}
+
+    async def _retire(self, engine: Engine | None, batcher: Batcher | None, grace: float | None = None) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(self.settings.reload_grace_s if grace is None else grace)
+        if batcher is not None:
+            await batcher.close()
+        if engine is not None:
+            engine.close()
+
+    async def close_retiring(self) -> None:
+        for task in list(self._retiring or ()):
+            task.cancel()
+        await asyncio.gather(*(self._retiring or ()), return_exceptions=True)
 
     async def warm_up(self) -> None:
         """One full batch per domain through the whole path, then ready."""
@@ -313,6 +372,61 @@ class RequestMetrics:
             self.metrics.observe_request(route, status, time.perf_counter() - t0)
 
 
+# --- administration (issue 19): POST /admin/reload, SIGHUP ------------------------------------------------------
+
+admin_router = APIRouter()
+
+
+def _admin_error(status: int, msg: str, type_: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body([field_error(["header", "authorization"], msg, type_)]), status_code=status,
+                        headers=headers)
+
+
+@admin_router.post("/admin/reload", include_in_schema=False)
+async def admin_reload(request: Request, state: StateDep) -> JSONResponse:
+    """Rebuild the served models and catalogs from XCROSS_ARTIFACTS and swap them in (off without
+    XCROSS_ADMIN_TOKEN: 404; then `Authorization: Bearer <token>`: 401 without, 403 wrong)."""
+    token = state.settings.admin_token
+    if token is None:
+        return _admin_error(404, "the admin endpoint is off: set XCROSS_ADMIN_TOKEN to enable it", "admin_off")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():
+        return _admin_error(401, "send `Authorization: Bearer <XCROSS_ADMIN_TOKEN>`", "unauthorized",
+                            {"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        return _admin_error(403, "wrong admin token", "forbidden")
+    try:
+        body = await state.reload()
+        request.app.openapi_schema = None  # /docs publishes the new domains and catalogs
+        return JSONResponse(body)
+    except ReloadError as exc:
+        return JSONResponse({**error_body([field_error(["artifacts"], str(exc), "reload_refused")]),
+                             "models": served_summary(state.engine)}, status_code=409)
+    except RuntimeError as exc:
+        return JSONResponse(error_body([field_error(["artifacts"], str(exc), "reload_in_progress")]),
+                            status_code=409)
+
+
+def _install_sighup(app: FastAPI) -> bool:
+    """SIGHUP reloads as POST /admin/reload does (logged; the token is not needed: the operator owns the process).
+    Only where the lifespan runs in the main thread's loop (`python -m service`); False elsewhere."""
+    state: ServiceState = app.state.service
+
+    async def reload_logged() -> None:
+        try:
+            await state.reload()
+            app.openapi_schema = None
+        except (ReloadError, RuntimeError) as exc:
+            log.error("SIGHUP: %s", exc)
+
+    try:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload_logged()))
+    except (RuntimeError, ValueError, NotImplementedError, AttributeError):
+        return False
+    return True
+
+
 # --- the app ---------------------------------------------------------------------------------------------------
 
 
@@ -327,15 +441,17 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.recall = await run_in_threadpool(RecallModels.load_cached, s.artifacts / "recall",
                                                    recall_data_root(s.data_dir))
         app.state.recall_metrics.publish(app.state.recall)
-    state.batcher = Batcher(state.engine.forward, max_prompts=s.batch_prompts, max_tokens=s.max_batch_tokens,
-                            wait_ms=s.batch_wait_ms, queue_prompts=s.queue_prompts,
-                            timeout_s=s.request_timeout_s, observer=state.metrics)
+    state.batcher = state.new_batcher(state.engine)
     warm = asyncio.create_task(state.warm_up())
+    hup = _install_sighup(app)
     try:
         yield
     finally:
         state.status = "shutting down"
+        if hup:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         await asyncio.gather(warm, return_exceptions=True)
+        await state.close_retiring()
         await state.batcher.close()
         if state.owns_engine:
             state.engine.close()
@@ -452,6 +568,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.state.service = ServiceState(settings, Metrics(), engine)
     app.include_router(router)
     app.include_router(recall_router)
+    app.include_router(admin_router)
     app.state.recall, app.state.recall_metrics = RecallModels(), RecallMetrics(app.state.service.metrics.registry)
     _install_error_handlers(app)
     app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes)

@@ -92,7 +92,50 @@ def find_all_checkpoints(artifacts: Path) -> dict[str, dict[str, Path]]:
             d = artifacts / kind / domain
             if d.is_dir():  # a directory without a manifest is an interrupted save: load_model says so
                 found.setdefault(domain, {})[kind] = d
+    for domain, root in onboarded_domains(artifacts).items():  # artifacts/domains/<NAME>/<kind>/ (issue 19)
+        for kind in KINDS:
+            if (root / kind).is_dir():
+                found.setdefault(domain, {})[kind] = root / kind
     return found
+
+
+ONBOARDED = "domains"  # <artifacts>/domains/<NAME>/: catalog.jsonl + xcross/ (+ lora/), by `python -m training onboard`
+
+
+def onboarded_domains(artifacts: Path) -> dict[str, Path]:
+    """Onboarded domains (training/onboard.py): name -> directory holding catalog.jsonl and the checkpoints.
+    Dot-directories are onboarding runs still being written (or the previous state being replaced): skipped."""
+    root = artifacts / ONBOARDED
+    found = {}
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if d.name.startswith(".") or not d.is_dir():
+            continue
+        if d.name in DOMAINS:
+            log.warning("ignoring %s: %s is a built-in domain (served from <artifacts>/<kind>/%s)", d, d.name, d.name)
+        elif not (d / "catalog.jsonl").is_file():
+            log.warning("ignoring %s: no catalog.jsonl (not written by `python -m training onboard`)", d)
+        else:
+            found[d.name] = d
+    return found
+
+
+def load_catalogs(domains: list[str], artifacts: Path, data_dir: Path | None) -> Catalogs:
+    """The served domains' catalogs: onboarded ones from their artifact directory (no data directory needed),
+    the built-in ones from the amazon-xcross data."""
+    from service.catalog import CatalogError
+    from training.data import read_catalog
+
+    onboarded = onboarded_domains(artifacts)
+    builtin = Catalogs.load([d for d in domains if d not in onboarded], data_dir)
+    catalogs = {d: builtin[d] for d in builtin.domains}
+    for d in domains:
+        if d in onboarded:
+            path = onboarded[d] / "catalog.jsonl"
+            try:
+                catalogs[d] = read_catalog(path, d)
+            except (ValueError, KeyError, OSError) as exc:
+                raise CatalogError(f"{path}: unreadable catalog ({exc}); onboard the domain again") from exc
+    return Catalogs(catalogs)
 
 
 def default_kind(kinds: dict[str, Path] | list[str], prefer: str = "auto") -> str:
@@ -137,7 +180,8 @@ def load_models(artifacts: Path, backbone: Backbone, device: str = "cpu",
             lora = loras.setdefault(manifest["content_hash"], lora)
             model = single_stream(backbone, lora, head)
         else:
-            model, manifest = load_model(path, backbone, search=[artifacts / "lora"], loras=loras)
+            model, manifest = load_model(path, backbone, search=[artifacts / "lora", artifacts / ONBOARDED],
+                                         loras=loras)
         named = manifest.get("target") or manifest.get("domain")
         if named != domain:
             raise CheckpointError(f"{path}: the manifest is for domain {named!r} but the directory serves {domain}; "
@@ -239,7 +283,7 @@ def load_engine(settings: Settings) -> Engine:
     backbone.model.to(device)
     models = load_models(artifacts, backbone, device, streamwise=device == "cpu" and backend.startswith("torch"),
                          prefer=settings.model)
-    catalogs = Catalogs.load(sorted({m.domain for m in models.values()}), settings.data_dir)
+    catalogs = load_catalogs(sorted({m.domain for m in models.values()}), artifacts, settings.data_dir)
     cache = TokenCache(locked_encoder(backbone.tokenizer), backbone.tokenizer_fingerprint, settings.redis_url,
                        lru_size=settings.cache_lru_size, ttl_s=settings.cache_ttl_s,
                        timeout_s=settings.cache_timeout_s, retry_s=settings.cache_retry_s)
@@ -253,3 +297,52 @@ def load_engine(settings: Settings) -> Engine:
                   max_history=settings.max_history, batch_prompts=settings.batch_prompts, recall=recall,
                   recall_n=settings.recall_n)
 
+
+
+# --- reload (issue 19): a complete new served state from disk, validated before it is swapped in --------------
+
+
+class ReloadError(RuntimeError):
+    """The new state could not be built or failed validation; the old one keeps serving."""
+
+
+def validate_engine(engine: Engine) -> None:
+    """One real request per served model (history and candidates from its catalog) must score finite numbers."""
+    import math
+
+    for req in engine.warmup_requests(candidates=4, history=3):  # one per served model
+        resp = engine.recommend(req)
+        bad = [it.score for it in resp.items if not math.isfinite(it.score)]
+        if bad or not resp.items:
+            raise ReloadError(f"{req.domain} ({req.model or 'default'}): the new model scores {bad[:3] or 'nothing'}")
+
+
+def served_summary(engine: Engine | None) -> dict[str, str]:
+    """`<model key>` -> `<kind>@<content hash>` of what an engine serves."""
+    if engine is None:
+        return {}
+    return {key: f"{m.kind}@{m.sha}" for key, m in sorted(engine.models.items())}
+
+
+def engine_changes(old: Engine | None, new: Engine) -> dict[str, list[str]]:
+    a, b = served_summary(old), served_summary(new)
+    return {"added": sorted(set(b) - set(a)), "removed": sorted(set(a) - set(b)),
+            "changed": sorted(k for k in set(a) & set(b) if a[k] != b[k]),
+            "unchanged": sorted(k for k in set(a) & set(b) if a[k] == b[k])}
+
+
+def reload_engine(settings: Settings) -> Engine:
+    """The served state rebuilt from disk (backbone, checkpoints, catalogs, runtime) and validated; any failure is
+    a ReloadError naming the cause (the caller keeps its current engine)."""
+    from service.catalog import CatalogError
+
+    try:
+        engine = load_engine(settings)
+    except (StartupError, CheckpointError, CatalogError, OSError, ValueError, KeyError) as exc:
+        raise ReloadError(f"reload refused, still serving the previous models: {' '.join(str(exc).split())}") from exc
+    try:
+        validate_engine(engine)
+    except Exception as exc:  # noqa: BLE001 - any failure of the new state refuses it
+        engine.close()
+        raise ReloadError(f"reload refused, still serving the previous models: {exc}") from exc
+    return engine

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "XCROSS_"
@@ -102,6 +102,15 @@ class Settings(BaseSettings):
                                                   "close`, so a load balancer takes it out before it stops "
                                                   "accepting (0 = stop accepting at once)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    # --- administration (issue 19; docs/onboarding.md) ---------------------------------------------------
+    admin_token: SecretStr | None = Field(None, description="enables POST /admin/reload (rebuild the served models "
+                                                            "and catalogs from XCROSS_ARTIFACTS, swap them in "
+                                                            "atomically), with `Authorization: Bearer <token>`; "
+                                                            "unset = the endpoint is off (404). SIGHUP reloads "
+                                                            "either way")
+    reload_grace_s: float = Field(5.0, ge=0, description="after a reload, the previous models keep serving the "
+                                                         "requests that started on them for this long before "
+                                                         "they are closed")
 
     @field_validator("redis_url")
     @classmethod
