@@ -376,6 +376,7 @@ def install_atomic(tmp: Path, dest: Path) -> None:
 def onboard(name: str, items: Path, interactions: Path, *, preset: str = "cpu", artifacts: Path | None = None,
             runs: Path | None = None, sources: list[str] | None = None, dry_run: bool = False,
             replace: bool = False, with_lora: bool = False, backbone: str = "minilm", seed: int = 0,
+            exclude_sources: list[str] | None = None,
             progress: bool = True, overrides: list[str] | None = None, tag: str | None = None,
             echo=print) -> dict[str, Any]:
     """The whole onboarding; returns the report (also written as onboard.json into the artifact)."""
@@ -388,7 +389,7 @@ def onboard(name: str, items: Path, interactions: Path, *, preset: str = "cpu", 
     runs = Path(runs or os.environ.get("XCROSS_RUNS") or REPO / "runs").resolve()
     data = validate(name, Path(items), Path(interactions), artifacts, replace)
     train_users, test_users = split_users(data.users, seed)
-    avail = available_sources(artifacts, exclude=name)
+    avail = {s: p for s, p in available_sources(artifacts, exclude=name).items() if s not in (exclude_sources or ())}
     if sources:
         unknown = [s for s in sources if s not in avail]
         if unknown:
@@ -486,6 +487,9 @@ def register(app: typer.Typer) -> None:
                                                                     "and a future source)")] = False,
         backbone: Annotated[str, typer.Option(help="backbone name (minilm; tiny:bert for smoke tests)")] = "minilm",
         seed: Annotated[int, typer.Option(help="seed of the split and the negatives")] = 0,
+        exclude_sources: Annotated[str | None, typer.Option(
+            help="comma-separated source LoRAs to leave out of the choice (e.g. the domain a re-export came "
+                 "from)")] = None,
         quiet: Annotated[bool, typer.Option("--quiet", help="no progress bars")] = False,
     ) -> None:
         """Onboard a new domain from its own files: validate, choose sources zero-shot, train X-Cross, evaluate,
@@ -503,6 +507,7 @@ def register(app: typer.Typer) -> None:
             onboard(domain, items, interactions, preset=preset, artifacts=artifacts, runs=runs,
                     sources=[s.strip() for s in sources.split(",") if s.strip()] if sources else None,
                     dry_run=dry_run, replace=replace, with_lora=with_lora, backbone=backbone, seed=seed,
+                    exclude_sources=[s.strip() for s in (exclude_sources or "").split(",") if s.strip()],
                     progress=not quiet, echo=typer.echo)
         except OnboardError as exc:
             typer.echo(f"onboard: {exc}", err=True)

@@ -133,3 +133,34 @@ def test_reload_under_load_serves_new_domain_and_refuses_broken_checkpoint(tmp_p
     assert "reload refused, still serving the previous models" in msg and "Garden" in msg
     assert broken.json()["models"]["Garden"] == body["models"]["Garden"]
     assert still.status_code == 200 and still.json()["items"] == items
+
+
+def test_sighup_reloads_a_running_server(tmp_path):
+    """`python -m service` on the tiny backbone: SIGHUP loads the newly onboarded domain without a restart."""
+    import signal
+    import time
+
+    import httpx
+
+    from .conftest import server_env, start_server, wait_server
+
+    artifacts = tmp_path / "artifacts"
+    save_sources(artifacts)
+    server = start_server(server_env(artifacts, XCROSS_BACKBONE=BACKBONE, XCROSS_LOG_LEVEL="info",
+                                     XCROSS_RELOAD_GRACE_S="0.2"), tmp_path / "server.log")
+    try:
+        wait_server(server)
+        assert httpx.post(server.url + "/recommend", json=garden_request()).status_code == 422
+        assert httpx.post(server.url + "/admin/reload").status_code == 404  # no XCROSS_ADMIN_TOKEN: off
+        onboard_garden(tmp_path, artifacts)
+        server.proc.send_signal(signal.SIGHUP)
+        end = time.monotonic() + 60
+        while time.monotonic() < end and "Garden" not in httpx.get(server.url + "/readyz").text:
+            assert server.proc.poll() is None, server.log.read_text()[-2000:]
+            time.sleep(0.2)
+        r = httpx.post(server.url + "/recommend", json=garden_request())
+        assert r.status_code == 200, r.text
+        assert r.json()["model"].startswith("xcross:Garden@") and len(r.json()["items"]) == 5
+        assert server.proc.poll() is None and "reload 1 in" in server.log.read_text()
+    finally:
+        server.stop()

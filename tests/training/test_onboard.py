@@ -237,3 +237,46 @@ def test_onboard_smoke_end_to_end(tmp_path, fmt):
                    progress=False, echo=lambda *_: None, replace=True, sources=["Toys"])
     m2 = read_manifest(dest / "xcross")
     assert rep2["sources"] == ["Toys"] and m2["config"]["n_streams"] == 1 and m2["content_hash"] != first_hash
+
+
+def test_interrupted_onboarding_leaves_the_previous_state(tmp_path, monkeypatch):
+    """A Ctrl-C during training: the served directory is untouched and no temp directory is left behind."""
+    import training.pipeline as tp
+
+    items, users = garden()
+    artifacts = tmp_path / "artifacts"
+    save_sources(artifacts)
+    ip, ep = write_csv(tmp_path, items, users)
+    kw = dict(preset="smoke", artifacts=artifacts, runs=tmp_path / "runs", backbone=BACKBONE, progress=False,
+              echo=lambda *_: None)
+    onboard("Garden", ip, ep, **kw)
+    dest = artifacts / "domains" / "Garden"
+    before = {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()}
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tp, "embedding_floor", interrupted)  # late: after X-Cross trained into the temp dir
+    monkeypatch.setattr("training.evaluate.embedding_floor", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        onboard("Garden", ip, ep, replace=True, sources=["Sports"], **kw)
+    assert {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
+    assert [p.name for p in (artifacts / "domains").iterdir()] == ["Garden"]
+
+
+def test_with_lora_trains_the_domains_own_lora(tmp_path):
+    items, users = garden()
+    artifacts = tmp_path / "artifacts"
+    save_sources(artifacts)
+    ip, ep = write_jsonl(tmp_path, items, users)
+    rep = onboard("Garden", ip, ep, preset="smoke", artifacts=artifacts, runs=tmp_path / "runs", backbone=BACKBONE,
+                  progress=False, echo=lambda *_: None, with_lora=True)
+    dest = artifacts / "domains" / "Garden"
+    m = read_manifest(dest / "lora")
+    assert m["kind"] == "lora" and m["domain"] == "Garden"
+    assert "Garden LoRA (own)" in [r["model"] for r in rep["table"]]
+    load_lora(dest / "lora", load_backbone(BACKBONE))
+    # now a source for the next onboarded domain
+    from training.onboard import available_sources
+
+    assert available_sources(artifacts, exclude="Other")["Garden"] == dest / "lora"
