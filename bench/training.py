@@ -90,7 +90,7 @@ def build(backbone_factory, lora_layers: int = 3, bf16: bool = True):
     cfg = replace(PRESETS["cpu"].lora, lora_layers=lora_layers, bf16=bf16)
     torch.manual_seed(0)
     fast, _ = source_model(backbone_factory(), cfg)
-    peft, _ = source_model(backbone_factory(), replace(cfg, fast_path=False, lora_layers=0))
+    peft, _ = source_model(backbone_factory(), replace(cfg, fast_path=False, lora_layers=0, pooling="cls"))
     return fast, peft
 
 

@@ -21,7 +21,7 @@
     python -m training all --preset cpu --jobs 2                  # everything above, resumable, 2 workers
 
 Long commands show progress, checkpoint every few steps, and continue after a kill with `--resume`.
-Every command takes `--preset smoke|cpu|paper` (default cpu) and `--quiet`.
+Every command takes `--preset smoke|cpu|cpu-wave1|paper` (default cpu) and `--quiet`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from training.variants import app as variants_app
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 
-PresetOpt = Annotated[str, typer.Option(help="smoke | cpu | paper")]
+PresetOpt = Annotated[str, typer.Option(help="smoke | cpu | cpu-wave1 | paper")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a preset field: lr=2e-3, lora.max_len=128")]
 TagOpt = Annotated[str | None, typer.Option(help="name for an overridden preset (runs/results get <preset>-<tag>)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]

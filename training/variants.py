@@ -502,7 +502,7 @@ def markdown_section(results: Path | None = None, preset: str = "cpu", targets: 
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 Target = Annotated[str, typer.Option(help="target domain")]
-PresetOpt = Annotated[str, typer.Option(help="smoke | cpu | paper")]
+PresetOpt = Annotated[str, typer.Option(help="smoke | cpu | cpu-wave1 | paper")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue from the run's last saved state")]
 SourcesOpt = Annotated[str | None, typer.Option(help="comma-separated; default: the zero-shot choice")]
