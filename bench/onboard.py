@@ -66,8 +66,8 @@ def main() -> None:
     rep = onboard(name, ip, ep, preset=a.preset, artifacts=a.artifacts, runs=REPO / "runs" / "onboard-bench",
                   replace=True, progress=not a.quiet, exclude_sources=[a.source])
     rep.pop("per_user", None)
-    out = {"source_domain": a.source, "users_exported": a.users, "wall_s_end_to_end": round(time.perf_counter() - t0, 1),
-           **rep}
+    out = {"source_domain": a.source, "users_exported": a.users,
+           "wall_s_end_to_end": round(time.perf_counter() - t0, 1), **rep}
     path = REPO / "results" / f"onboard-{a.source}-as-{a.name}-{a.users}.json"
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")

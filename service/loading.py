@@ -334,11 +334,9 @@ def engine_changes(old: Engine | None, new: Engine) -> dict[str, list[str]]:
 def reload_engine(settings: Settings) -> Engine:
     """The served state rebuilt from disk (backbone, checkpoints, catalogs, runtime) and validated; any failure is
     a ReloadError naming the cause (the caller keeps its current engine)."""
-    from service.catalog import CatalogError
-
     try:
         engine = load_engine(settings)
-    except (StartupError, CheckpointError, CatalogError, OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 - StartupError, CheckpointError, CatalogError, torch's errors alike
         raise ReloadError(f"reload refused, still serving the previous models: {' '.join(str(exc).split())}") from exc
     try:
         validate_engine(engine)

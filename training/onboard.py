@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import html
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -167,7 +168,7 @@ def _timestamp(raw: str, where: str) -> float:
         t = datetime.fromisoformat(raw.replace("Z", "+00:00"))
     except ValueError:
         raise OnboardError(f"{where}: field 'timestamp' {raw[:40]!r} is neither unix seconds nor ISO 8601") from None
-    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
 
 
 def _item_id(key: Any, catalog: Catalog, where: str, fld: str, items_path: Path) -> int:
@@ -213,7 +214,7 @@ def read_interactions(path: Path, catalog: Catalog, items_path: Path) -> tuple[l
             evs.sort()
             days, seq = set(), []
             for ts, _, item in evs:
-                day = datetime.fromtimestamp(ts, tz=timezone.utc).date()
+                day = datetime.fromtimestamp(ts, tz=UTC).date()
                 if day in days:
                     counts["dropped_same_day"] += 1
                     continue
@@ -341,7 +342,8 @@ def _metrics_row(name: str, res: dict, ref: dict | None) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'model':<28} {'Hit@1':>6} {'Hit@3':>6} {'Hit@10':>6} {'MRR@10':>7} {'users':>6} {'X-Cross-this':>12} {'p':>7}"
+    head = (f"{'model':<28} {'Hit@1':>6} {'Hit@3':>6} {'Hit@10':>6} {'MRR@10':>7} {'users':>6} "
+            f"{'X-Cross-this':>12} {'p':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
         diff = f"{r['xcross_minus_this_hit@1']:+.2f}" if "xcross_minus_this_hit@1" in r else ""
@@ -354,7 +356,9 @@ def format_table(rows: list[dict]) -> str:
 def write_catalog(path: Path, catalog: Catalog, pop: np.ndarray) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for i, (asin, title) in enumerate(zip(catalog.asins, catalog.titles, strict=True)):
-            f.write(json.dumps({"id": i, "asin": asin, "title": title, "popularity": int(pop[i])}) + "\n")
+            # escaped as the released items.jsonl are: read_catalog's unescape gives back exactly this title
+            f.write(json.dumps({"id": i, "asin": asin, "title": html.escape(title, quote=False),
+                                "popularity": int(pop[i])}) + "\n")
 
 
 def install_atomic(tmp: Path, dest: Path) -> None:

@@ -9,7 +9,6 @@ import asyncio
 import json
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
