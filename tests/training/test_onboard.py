@@ -280,3 +280,15 @@ def test_with_lora_trains_the_domains_own_lora(tmp_path):
     from training.onboard import available_sources
 
     assert available_sources(artifacts, exclude="Other")["Garden"] == dest / "lora"
+
+
+def test_catalog_file_gives_the_trained_titles_back(tmp_path):
+    """catalog.jsonl is read by the service with read_catalog (which unescapes): titles come back exactly."""
+    from training.data import Catalog
+    from training.onboard import write_catalog
+
+    titles = ["Tom & Jerry's saw", "literal &amp; kept", "<b>bold</b> 5\" nail"]
+    cat = Catalog("Garden", list(titles), ["a", "b", "c"])
+    write_catalog(tmp_path / "catalog.jsonl", cat, np.array([3, 0, 1]))
+    back = read_catalog(tmp_path / "catalog.jsonl", "Garden")
+    assert back.titles == titles and back.asins == ["a", "b", "c"]
