@@ -425,6 +425,13 @@ def onboard(name: str, items: Path, interactions: Path, *, preset: str = "cpu", 
         avail, key=lambda s: (val_scores[s]["hit@1"], val_scores[s]["mrr@10"]), reverse=True)[:2]
     echo("zero-shot on validation users (Hit@1): " + ", ".join(f"{s} {val_scores[s]['hit@1']:.1f}" for s in avail)
          + f"; sources: {', '.join(chosen)}")
+    # the baselines on the test users first, on the untouched fp32 backbone (training X-Cross casts its frozen
+    # weights to bf16 in place under the preset's bf16)
+    bb = ctx.backbone()
+    source_t = ctx.source(name, bb.tokenizer, cfg.max_len)
+    for s, path in avail.items():
+        test_res[s] = score_checkpoint(ctx, path, test, name, ctx.preset.lora.bf16, f"{s}->{name} test")
+    floor_res = embedding_floor(bb, source_t, test, ctx.progress)
     tmp = artifacts / "domains" / f".{name}.tmp-{os.getpid()}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -434,15 +441,12 @@ def onboard(name: str, items: Path, interactions: Path, *, preset: str = "cpu", 
         xc = train_xcross(ctx, name, sources=chosen, name=run, out=tmp / "xcross", resume=True)
         if not xc.get("finished"):
             raise RuntimeError(f"X-Cross training stopped at step {xc.get('step')}; run again to resume")
-        bb = ctx.backbone()
         search = sorted({p.parent for p in avail.values()})
         model, manifest = load_model(tmp / "xcross", bb, search=search)  # the checkpoint as the service reads it
         model.eval()
-        source_t = ctx.source(name, bb.tokenizer, cfg.max_len)
         xres = evaluate_users(model, source_t, test, cfg.bf16, ctx.progress, "X-Cross test")
         results = {f"xcross ({'+'.join(chosen)})": xres}
-        for s, path in avail.items():
-            test_res[s] = score_checkpoint(ctx, path, test, name, ctx.preset.lora.bf16, f"{s}->{name} test")
+        for s in avail:
             results[f"{s} LoRA zero-shot"] = test_res[s]
         if with_lora:
             lo = train_lora(ctx, name, out=tmp / "lora", resume=True)
@@ -450,7 +454,7 @@ def onboard(name: str, items: Path, interactions: Path, *, preset: str = "cpu", 
                 raise RuntimeError("the domain's own LoRA stopped early; run again to resume")
             results[f"{name} LoRA (own)"] = score_checkpoint(ctx, tmp / "lora", test, name, ctx.preset.lora.bf16,
                                                              "own LoRA test")
-        results["embedding floor"] = embedding_floor(bb, source_t, test, ctx.progress)
+        results["embedding floor"] = floor_res
         rows = [_metrics_row(k, r, xres) for k, r in results.items()]
         table = format_table(rows)
         echo(table)

@@ -241,8 +241,6 @@ def test_onboard_smoke_end_to_end(tmp_path, fmt):
 
 def test_interrupted_onboarding_leaves_the_previous_state(tmp_path, monkeypatch):
     """A Ctrl-C during training: the served directory is untouched and no temp directory is left behind."""
-    import training.pipeline as tp
-
     items, users = garden()
     artifacts = tmp_path / "artifacts"
     save_sources(artifacts)
@@ -256,8 +254,8 @@ def test_interrupted_onboarding_leaves_the_previous_state(tmp_path, monkeypatch)
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tp, "embedding_floor", interrupted)  # late: after X-Cross trained into the temp dir
-    monkeypatch.setattr("training.evaluate.embedding_floor", interrupted)
+    # late: X-Cross is trained into the temp dir, then its evaluation is interrupted
+    monkeypatch.setattr("training.evaluate.evaluate_users", interrupted)
     with pytest.raises(KeyboardInterrupt):
         onboard("Garden", ip, ep, replace=True, sources=["Sports"], **kw)
     assert {p.relative_to(dest): p.read_bytes() for p in dest.rglob("*") if p.is_file()} == before
