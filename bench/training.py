@@ -114,7 +114,7 @@ def xcross_pair(backbone_factory, lora_layers: int = 3, bf16: bool = True):
     torch.manual_seed(0)
     built = XCross(bb, loras, cfg)
     torch.manual_seed(0)
-    fast = training_form(XCross(backbone_factory(), loras, cfg), bf16=bf16)
+    fast = training_form(XCross(backbone_factory(), loras, cfg))  # as the pipeline: shared weights stay fp32
     return fast, built
 
 

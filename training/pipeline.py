@@ -267,7 +267,7 @@ def train_xcross(ctx: Context, target: str, sources: list[str] | None = None, to
     users = train_users if train_users is not None else users
     source = ctx.source(target, bb.tokenizer, cfg.max_len)
     run_dir = ctx.paths.runs / f"{name}-{target}-{ctx.preset.name}"
-    trainer = xcross_training_form(model, cfg.bf16) if cfg.fast_path else model  # same trainable tensors
+    trainer = xcross_training_form(model) if cfg.fast_path else model  # same trainable tensors
     state, dev = _train_then_evaluate(ctx, trainer, source, users, val, target, cfg, run_dir, resume, max_steps)
     if dev is None:
         return {"finished": state.finished, "step": state.step, "wall_s": state.wall_s, "out": None}
