@@ -64,24 +64,16 @@ class PackedLoraBertLayer(PackedBertLayer):
         if "output" in loras:
             self.o = loras["output"]  # LoRALinear over the same frozen dense
 
-    def forward(self, x: torch.Tensor, pk: Packing) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv(x)  # (N, 3*H*dh), frozen
-        if len(self.qkv_loras):
-            width = qkv.shape[-1] // 3
-            A = torch.cat([m.lora_A for m in self.qkv_loras]).to(x.dtype)  # (k*r, in): one GEMM to the ranks
-            xa = F.linear(x, A).split(self.qkv_loras[0].lora_A.shape[0], dim=-1)
-            deltas = [F.linear(a, m.lora_B.to(x.dtype)) * m.scale for a, m in zip(xa, self.qkv_loras, strict=True)]
-            parts = list(qkv.split(width, dim=-1))
-            for slot, d in zip(self.qkv_slots, deltas, strict=True):
-                parts[slot] = parts[slot] + d
-            qkv = torch.cat(parts, -1)
-        N = x.shape[0]
-        padded = qkv.new_zeros(pk.B * pk.T, qkv.shape[-1]).index_copy(0, pk.index, qkv)  # padding rows stay 0
-        q, k, v = padded.view(pk.B, pk.T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=pk.attn_mask, scale=self.scale)  # (B, H, T, dh)
-        ctx = ctx.transpose(1, 2)[pk.rows, pk.cols].reshape(N, -1)  # (N, H*dh)
-        h = self.ln1(self.o(ctx) + x)
-        return self.ln2(self.ffn_out(self.act(self.ffn_in(h))) + h)
+        if not len(self.qkv_loras):
+            return qkv
+        A = torch.cat([m.lora_A for m in self.qkv_loras]).to(x.dtype)  # (k*r, in): one GEMM to the ranks
+        xa = F.linear(x, A).split(self.qkv_loras[0].lora_A.shape[0], dim=-1)
+        parts = list(qkv.split(qkv.shape[-1] // 3, dim=-1))
+        for slot, a, m in zip(self.qkv_slots, xa, self.qkv_loras, strict=True):
+            parts[slot] = parts[slot] + F.linear(a, m.lora_B.to(x.dtype)) * m.scale
+        return torch.cat(parts, -1)
 
 
 class FastLoraModel(nn.Module):
@@ -115,8 +107,7 @@ class FastLoraModel(nn.Module):
         for name, module in list(self.layers.named_modules()):
             path = f"encoder.layer.{name}"
             if isinstance(module, nn.Linear) and targets.fullmatch(path) and int(name.split(".")[0]) >= self.lowest:
-                lora = LoRALinear(module, cfg.r, cfg.scale)
-                self.loras[path.replace(".", "__")] = lora
+                self.loras[_key(path)] = LoRALinear(module, cfg.r, cfg.scale)
                 self.paths.append(path)
         if not self.paths:
             raise ValueError(f"no module of the top {top_k or L} layers matches the LoRA targets {targets.pattern!r}")
@@ -126,13 +117,13 @@ class FastLoraModel(nn.Module):
         else:  # padded layers with the LoRA linears injected
             for path in self.paths:
                 parent, _, leaf = path.removeprefix("encoder.layer.").rpartition(".")
-                setattr(self.layers.get_submodule(parent), leaf, self.loras[path.replace(".", "__")])
+                setattr(self.layers.get_submodule(parent), leaf, self.loras[_key(path)])
         self.runner = LayerRunner(backbone.model, backbone.family, self.layers)
         self.head = head if head is not None else Head(backbone.hidden_size)
 
     def _packed_block(self, i: int) -> nn.Module:
         mine = {p.rsplit(".", 2)[-2] if p.endswith("output.dense") else p.rsplit(".", 1)[-1]:
-                self.loras[p.replace(".", "__")] for p in self.paths if p.startswith(f"encoder.layer.{i}.")}
+                self.loras[_key(p)] for p in self.paths if p.startswith(f"encoder.layer.{i}.")}
         return PackedLoraBertLayer(self.layers[i], mine) if mine else PackedBertLayer(self.layers[i])
 
     def train(self, mode: bool = True) -> FastLoraModel:
@@ -180,8 +171,8 @@ class FastLoraModel(nn.Module):
 
     def lora_weights(self) -> LoraWeights:
         """The trained adapter, module paths as peft names them (encoder.layer.<i>...)."""
-        A = {p: self.loras[p.replace(".", "__")].lora_A.detach().clone() for p in self.paths}
-        B = {p: self.loras[p.replace(".", "__")].lora_B.detach().clone() for p in self.paths}
+        A = {p: self.loras[_key(p)].lora_A.detach().clone() for p in self.paths}
+        B = {p: self.loras[_key(p)].lora_B.detach().clone() for p in self.paths}
         return LoraWeights(A, B, self.cfg.scale)
 
     def load_lora(self, lora: LoraWeights) -> FastLoraModel:
@@ -190,7 +181,7 @@ class FastLoraModel(nn.Module):
             raise ValueError(f"LoRA modules {lora.modules[:2]}... do not match this model's {self.paths[:2]}...")
         with torch.no_grad():
             for p in self.paths:
-                m = self.loras[p.replace(".", "__")]
+                m = self.loras[_key(p)]
                 m.lora_A.copy_(lora.A[p])
                 m.lora_B.copy_(lora.B[p] * (lora.scale / m.scale))
         return self
@@ -246,6 +237,11 @@ def frozen_eval_(model: nn.Module) -> nn.Module:
         if not any(p.requires_grad for p in m.parameters()):
             m.eval()
     return model
+
+
+def _key(path: str) -> str:
+    """A module path as a ModuleDict key (no dots)."""
+    return path.replace(".", "__")
 
 
 def bucketed(score, input_ids: torch.Tensor, attention_mask: torch.Tensor, bucket: int) -> torch.Tensor:

@@ -153,9 +153,13 @@ class PackedBertLayer(nn.Module):
         self.ffn_in, self.act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
         self.ffn_out, self.ln2 = layer.output.dense, layer.output.LayerNorm
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Q, K and V of the packed tokens, (N, 3*H*dh) (a trainable form adds its LoRA deltas here)."""
+        return self.qkv(x)
+
     def forward(self, x: torch.Tensor, pk: Packing) -> torch.Tensor:
         N, d = x.shape  # (N, d)
-        qkv = self.qkv(x)  # (N, 3*H*dh)
+        qkv = self.project(x)  # (N, 3*H*dh)
         padded = qkv.new_empty(pk.B * pk.T, qkv.shape[-1])  # (B*T, 3*H*dh); padding rows zeroed (finite keys)
         padded.index_fill_(0, pk.pad, 0.0).index_copy_(0, pk.index, qkv)
         q, k, v = padded.view(pk.B, pk.T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
