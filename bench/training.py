@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from bench.timing import interleave, ratio
+from bench.timing import interleave, median, ratio
 
 USERS_PER_STEP, PROMPTS = 8, 10
 
@@ -144,25 +144,19 @@ def run(reps: int = 5, bf16: bool | None = None, with_xcross: bool = False, prof
     prompts = USERS_PER_STEP * PROMPTS
     tokens = sum(int(s["one"][1].sum()) for s in steps) / reps
     keys["train_step_over_forward"] = ratio(times, "fast_step", "fast_forward")
-    keys["train_prompts_per_s"] = prompts / _median(times["fast_step"])
+    keys["train_prompts_per_s"] = prompts / median(times["fast_step"])
     keys["train_step_over_forward_peft"] = ratio(times, "peft_step", "peft_forward")
-    keys["train_prompts_per_s_peft"] = prompts / _median(times["peft_step"])
+    keys["train_prompts_per_s_peft"] = prompts / median(times["peft_step"])
     keys["train_fast_over_peft"] = ratio(times, "peft_step", "fast_step")
     if with_xcross:
         keys["xcross_train_step_over_forward"] = ratio(times, "xcross_step", "xcross_forward")
-        keys["xcross_train_prompts_per_s"] = prompts / _median(times["xcross_step"])
+        keys["xcross_train_prompts_per_s"] = prompts / median(times["xcross_step"])
         keys["xcross_train_fast_over_built"] = ratio(times, "xcross_built_step", "xcross_step")
-    details["median_s"] = {k: round(_median(v), 4) for k, v in times.items()}
+    details["median_s"] = {k: round(median(v), 4) for k, v in times.items()}
     details["tokens_per_step"] = tokens
     if profile:
         details["profile"] = {"peft": top_ops(peft_step), "fast": top_ops(fast_step)}
     return keys, details
-
-
-def _median(xs: list[float]) -> float:
-    from bench.timing import median
-
-    return median(xs)
 
 
 def top_ops(step: Callable[[int], Any], rounds: int = 2, n: int = 8) -> list[dict[str, Any]]:
