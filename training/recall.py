@@ -5,10 +5,13 @@
     python -m training recall evaluate --checkpoint artifacts/recall/food-kitchen/ddsr --dataset food-kitchen
     python -m training recall bench-attention                    # full vs intra-domain attention at 50, 200, 1000
     python -m training recall report                             # markdown section + docs/recall_*.png
+    python -m training recall train --dataset amazon-Tools --variant hstu --preset cpu --ship  # one Amazon domain
 
-Variants: hstu (full attention), sasrec (softmax attention), intra (intra-domain mask only), tape, ddsr (tape +
-domain state), gca (intra + gated cross-attention). Presets: smoke (seconds, for tests), cpu (d=64, 2 layers, a
-few minutes on one thread). Run with OMP_NUM_THREADS=1 on a shared machine.
+Datasets: food-kitchen and beauty-electronics (mixed-domain, leave-one-out), amazon-<Domain> for Tools, Toys, Sports,
+Electronics (one domain: train users minus a seeded 10% (at most 1,000) held out for the epoch choice; dev users
+only for the reported test). Variants: hstu (full attention), sasrec (softmax attention), intra (intra-domain
+mask only), tape, ddsr (tape + domain state), gca (intra + gated cross-attention). Presets: smoke (seconds, for
+tests), cpu (d=64, 2 layers, a few minutes on one thread). Run with OMP_NUM_THREADS=1 on a shared machine.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ LENGTHS = (50, 200, 1000)
 PAIRS = (("hstu", "popularity"), ("sasrec", "hstu"), ("intra", "hstu"), ("tape", "intra"), ("ddsr", "tape"),
          ("ddsr", "hstu"), ("gca", "intra"), ("gca", "hstu"))
 
-DatasetOpt = Annotated[str, typer.Option(help="food-kitchen | beauty-electronics")]
-DataRootOpt = Annotated[Path | None, typer.Option(help="folder holding amazon-<dataset>/ (default ../shared/data)")]
+DatasetOpt = Annotated[str, typer.Option(help="food-kitchen | beauty-electronics | amazon-Tools | amazon-Toys | "
+                                               "amazon-Sports | amazon-Electronics")]
+DataRootOpt = Annotated[Path | None, typer.Option(help="folder holding amazon-<dataset>/ and amazon-xcross/ "
+                                                       "(default ../shared/data)")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
 
 
@@ -84,32 +89,32 @@ def train_cmd(dataset: DatasetOpt = "food-kitchen",
               artifacts: Annotated[Path, typer.Option(help="served checkpoint root (--ship)")] = ARTIFACTS,
               quiet: QuietOpt = False) -> None:
     """Train one variant (model selection on validation), evaluate on test, save checkpoint and result."""
-    from model.recall.data import dataset_dir, load_catalog, load_sequences
+    from model.recall.data import load_splits
     from model.recall.model import VARIANTS
     from model.recall.train import evaluate, get_preset, metrics, save_checkpoint, train
 
     _check(variant, VARIANTS, "variant")
+    t0 = time.perf_counter()
     try:
         chosen = get_preset(preset)
-        path = dataset_dir(dataset, data_root)
+        splits = load_splits(dataset, data_root, chosen.user_limit)
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    t0 = time.perf_counter()
-    catalog = load_catalog(path)
-    seqs = load_sequences(path, catalog, chosen.user_limit)
+    catalog = splits.catalog
     overrides = {}
     if variant == "gca":
         overrides = {"gca_layers": tuple(int(x) for x in gca_layers.split(",") if x), "gca_act": gca_act,
                      "gca_ln": gca_ln}
-    model, info = train(catalog, seqs, variant, chosen, seed=seed, progress=not quiet, max_minutes=max_minutes,
+    model, info = train(catalog, splits, variant, chosen, seed=seed, progress=not quiet, max_minutes=max_minutes,
                         log=typer.echo, **overrides)
-    valid = evaluate(model, seqs, catalog, "valid", seed=seed)
-    test = evaluate(model, seqs, catalog, "test", seed=seed)
+    valid = evaluate(model, splits.valid, catalog, splits.valid_cut, seed=seed)
+    test = evaluate(model, splits.test, catalog, splits.test_cut, seed=seed)
     name = f"{dataset}-{variant}-{chosen.name}" + (f"-{tag}" if tag else "")
     result = {"dataset": dataset, "variant": variant, "preset": chosen.name, "seed": seed, "tag": tag,
               "config": {**chosen.__dict__, **{k: list(v) if isinstance(v, tuple) else v
                                               for k, v in overrides.items()}},
-              "n_params": sum(p.numel() for p in model.parameters()), "n_users": len(seqs),
+              "n_params": sum(p.numel() for p in model.parameters()), "n_users": len(splits.test),
+              "n_train_users": len(splits.train), "n_valid_users": len(splits.valid),
               "domains": catalog.domains, "best_epoch": info["best_epoch"], "history": info["history"],
               "valid": metrics(valid, catalog.domains), "test": metrics(test, catalog.domains),
               "per_user": {k: v.tolist() for k, v in test.items()},
@@ -133,17 +138,16 @@ def train_cmd(dataset: DatasetOpt = "food-kitchen",
 def popularity_cmd(dataset: DatasetOpt = "food-kitchen", data_root: DataRootOpt = None,
                    results: Annotated[Path, typer.Option()] = RESULTS) -> None:
     """Floor: training-prefix popularity within the target's domain, evaluated exactly like the models."""
-    from model.recall.data import dataset_dir, load_catalog, load_sequences
+    from model.recall.data import load_splits
     from model.recall.train import Popularity, evaluate, metrics
 
+    t0 = time.perf_counter()
     try:
-        path = dataset_dir(dataset, data_root)
+        splits = load_splits(dataset, data_root)
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    t0 = time.perf_counter()
-    catalog = load_catalog(path)
-    seqs = load_sequences(path, catalog)
-    test = evaluate(Popularity(seqs, catalog.n_items), seqs, catalog, "test")
+    catalog, seqs = splits.catalog, splits.test
+    test = evaluate(Popularity(splits.train, catalog.n_items, cut=splits.train_cut), seqs, catalog, splits.test_cut)
     result = {"dataset": dataset, "variant": "popularity", "preset": "cpu", "seed": 0, "tag": None, "n_params": 0,
               "n_users": len(seqs), "domains": catalog.domains, "best_epoch": 0, "history": [],
               "test": metrics(test, catalog.domains), "per_user": {k: v.tolist() for k, v in test.items()},
@@ -163,18 +167,18 @@ def evaluate_cmd(checkpoint: Annotated[Path, typer.Option(help="a recall checkpo
                  limit: Annotated[int | None, typer.Option(help="first N users only")] = None,
                  data_root: DataRootOpt = None) -> None:
     """Recall@10 / NDCG@10 of a checkpoint on its dataset (full domain catalog and 100 sampled negatives)."""
-    from model.recall.data import dataset_dir, load_catalog, load_sequences
+    from model.recall.data import load_splits
     from model.recall.train import evaluate, load_checkpoint, metrics
 
     _check(split, ("valid", "test"), "split")
     try:
         model, manifest = load_checkpoint(checkpoint)
-        path = dataset_dir(manifest["dataset"], data_root)
+        splits = load_splits(manifest["dataset"], data_root, limit)
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from exc
-    catalog = load_catalog(path)
-    seqs = load_sequences(path, catalog, limit)
-    for group, m in metrics(evaluate(model, seqs, catalog, split), catalog.domains).items():
+    catalog = splits.catalog
+    seqs, cut = (splits.valid, splits.valid_cut) if split == "valid" else (splits.test, splits.test_cut)
+    for group, m in metrics(evaluate(model, seqs, catalog, cut), catalog.domains).items():
         typer.echo(f"{group:>12}: Recall@10 {m['recall@10_full']:6.2f}  NDCG@10 {m['ndcg@10_full']:6.2f} (full)  "
                    f"Recall@10 {m['recall@10_sampled']:6.2f}  NDCG@10 {m['ndcg@10_sampled']:6.2f} (100 sampled)  "
                    f"n={m['n_users']}")

@@ -1,4 +1,10 @@
-"""Mixed-domain sequences (ABXI's afk/abe splits): loading, leave-one-out, same-day steps, TAPE indices, batches.
+"""Item-id sequences for the recall models: loading, splits, same-day steps, TAPE indices, batches.
+
+Two kinds of dataset:
+- mixed-domain (ABXI's afk/abe splits, `food-kitchen`, `beauty-electronics`): leave-one-out per user (below);
+- one Amazon domain of amazon-xcross (`amazon-Tools`, `amazon-Toys`, `amazon-Sports`, `amazon-Electronics`;
+  `load_amazon`): train users only for training, a seeded set of held-out train users for validation, dev users
+  for test. Catalog ids are the file's 0-based ids + 1 (0 is padding); one domain (id 0).
 
 One user = one time-ordered sequence mixing two domains (day resolution). Leave-one-out as ABXI: the last item is
 the test target, the second-to-last the validation target, everything before is training.
@@ -25,23 +31,33 @@ import numpy as np
 import torch
 
 DATASETS = {"food-kitchen": "amazon-food-kitchen", "beauty-electronics": "amazon-beauty-electronics"}
+AMAZON_DOMAINS = ("Tools", "Toys", "Sports", "Electronics")
+AMAZON = {f"amazon-{d}": f"amazon-xcross/{d}" for d in AMAZON_DOMAINS}  # single-domain datasets
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+VAL_FRACTION, MAX_VAL = 0.1, 1000  # held-out train users, as training.data.split_train_val (same users)
 START, MIXED = 2, 3  # previous-day codes beyond the two domain ids 0 and 1
 N_PREV = 4  # domain 0, domain 1, START, MIXED
 N_TRANS = N_PREV * 2
 
 
 def check_dataset(name: str) -> str:
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    if name not in DATASETS and name not in AMAZON:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join([*DATASETS, *AMAZON])}")
     return name
 
 
+def amazon_domain(dataset: str) -> str | None:
+    """`Tools` for `amazon-Tools`; None for a mixed-domain dataset."""
+    return dataset.removeprefix("amazon-") if dataset in AMAZON else None
+
+
 def dataset_dir(name: str, root: Path | None = None) -> Path:
-    path = (root or DEFAULT_DATA) / DATASETS[check_dataset(name)]
-    if not (path / "sequences.jsonl").is_file():
-        raise FileNotFoundError(f"{path}/sequences.jsonl not found; pass --data-root pointing at the folder that "
-                                f"holds {DATASETS[name]}/")
+    rel = {**DATASETS, **AMAZON}[check_dataset(name)]
+    path = (root or DEFAULT_DATA) / rel
+    needed = "train.jsonl" if name in AMAZON else "sequences.jsonl"
+    if not (path / needed).is_file():
+        raise FileNotFoundError(f"{path}/{needed} not found; pass --data-root pointing at the folder that "
+                                f"holds {rel}/")
     return path
 
 
@@ -102,6 +118,81 @@ def load_sequences(path: Path, catalog: Catalog, limit: int | None = None) -> li
             if limit is not None and len(out) >= limit:
                 break
     return out
+
+
+@dataclass
+class Splits:
+    """What one dataset trains, validates and tests on; `*_cut`: items cut from the end of each sequence
+    (`make_batch`): the training targets run up to the item before the cut, the evaluation target is the last item
+    left."""
+
+    catalog: Catalog
+    train: list[Sequence]
+    valid: list[Sequence]
+    test: list[Sequence]
+    train_cut: int
+    valid_cut: int
+    test_cut: int = 0
+
+
+def leave_one_out(catalog: Catalog, seqs: list[Sequence]) -> Splits:
+    """Mixed-domain protocol: every user in all three; last item test, second-to-last validation."""
+    return Splits(catalog, seqs, seqs, seqs, train_cut=2, valid_cut=1)
+
+
+def held_out_users(n: int, seed: int = 0, val_fraction: float = VAL_FRACTION, max_val: int | None = MAX_VAL
+                   ) -> np.ndarray:
+    """Sorted indices of the validation users among n train users (training.data.split_train_val's choice)."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction))
+    if max_val is not None:
+        n_val = min(n_val, max_val)
+    return np.sort(order[:n_val])
+
+
+def _amazon_sequences(path: Path, limit: int | None) -> list[Sequence]:
+    """One file's users; ids shifted by +1 (0 = padding), one domain, every item its own day."""
+    out = []
+    with path.open() as f:
+        for line in f:
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            items = np.asarray(r["items"], dtype=np.int64) + 1
+            out.append(Sequence(str(r["user"]), items, np.zeros(len(items), dtype=np.int64),
+                                np.arange(len(items), dtype=np.int64)))
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+def load_amazon(domain: str, root: Path | None = None, seed: int = 0, limit: int | None = None) -> Splits:
+    """One amazon-xcross domain: train on the train users minus a seeded held-out set (every transition of their
+    sequences, last item included), choose the epoch on the held-out users' last item, test on the dev users'
+    last item (history = the rest). Dev users are never trained or validated on. `limit`: first N users of each
+    file (smoke)."""
+    path = dataset_dir(f"amazon-{domain}", root)
+    titles: list[str | None] = [None]
+    for line_no, line in enumerate((path / "items.jsonl").open()):
+        r = json.loads(line)
+        if r["id"] != line_no:
+            raise ValueError(f"{path}/items.jsonl:{line_no + 1}: id {r['id']} is not the line index {line_no}")
+        titles.append(r["title"])
+    catalog = Catalog([domain], np.array([-1] + [0] * (len(titles) - 1), dtype=np.int64), titles)
+    users = _amazon_sequences(path / "train.jsonl", limit)
+    val = set(held_out_users(len(users), seed).tolist())
+    return Splits(catalog, [u for i, u in enumerate(users) if i not in val], [users[i] for i in sorted(val)],
+                  _amazon_sequences(path / "dev.jsonl", limit), train_cut=0, valid_cut=0)
+
+
+def load_splits(dataset: str, root: Path | None = None, limit: int | None = None, seed: int = 0) -> Splits:
+    """The splits of any dataset by name (`load_amazon` or leave-one-out over sequences.jsonl)."""
+    domain = amazon_domain(check_dataset(dataset))
+    if domain is not None:
+        return load_amazon(domain, root, seed, limit)
+    path = dataset_dir(dataset, root)
+    catalog = load_catalog(path)
+    return leave_one_out(catalog, load_sequences(path, catalog, limit))
 
 
 def tape_indices(doms: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

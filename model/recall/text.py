@@ -108,6 +108,22 @@ def _exclusion(n: int, exclude: Iterable[int]) -> np.ndarray:
     return ex[(ex >= 0) & (ex < n)]
 
 
+def top_k(scores: np.ndarray, k: int, exclude: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, scores) of the best k entries of a full score vector not in `exclude`, by descending score, ties by
+    ascending id. `scores` is not modified."""
+    s = np.array(scores, dtype=np.float32)
+    s[_exclusion(len(s), exclude)] = -np.inf
+    k = min(k, int(np.isfinite(s).sum()))
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    top = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
+    kth = s[top].min()
+    tied = np.flatnonzero(s >= kth)  # every item tied with the k-th, so ties resolve by id, not by partition
+    order = np.lexsort((tied, -s[tied]))[:k]
+    ids = tied[order]
+    return ids.astype(np.int64), s[ids].astype(np.float32)
+
+
 class ExactIndex:
     """Exact cosine search by one matrix product (rows of `embeddings` are normalised)."""
 
@@ -125,17 +141,7 @@ class ExactIndex:
 
     def search(self, query: np.ndarray, k: int, exclude: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
         """(ids, scores) of the best k items not in `exclude`, by descending score, ties by ascending id."""
-        s = self.scores(query)
-        s[_exclusion(len(s), exclude)] = -np.inf
-        k = min(k, int(np.isfinite(s).sum()))
-        if k <= 0:
-            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        top = np.argpartition(-s, k - 1)[:k] if k < len(s) else np.arange(len(s))
-        kth = s[top].min()
-        tied = np.flatnonzero(s >= kth)  # every item tied with the k-th, so ties resolve by id, not by partition
-        order = np.lexsort((tied, -s[tied]))[:k]
-        ids = tied[order]
-        return ids.astype(np.int64), s[ids].astype(np.float32)
+        return top_k(self.scores(query), k, exclude)
 
 
 class HnswIndex:

@@ -1,10 +1,12 @@
 """Sampled-softmax training, leave-one-out evaluation and checkpoints of the recall models.
 
-Training: every position of a user's training prefix (all but the last two items) predicts the next item. Loss:
+Training: every position of a user's training prefix predicts the next item (mixed-domain datasets: all but the
+last two items; one Amazon domain: every item of the training users, `model.recall.data.load_amazon`). Loss:
 softmax over the target and K negatives drawn uniformly, with replacement, from the *target's domain* (one draw of
 K per domain per batch, shared by the batch's positions; a negative equal to the target is masked). The sampling is
 uniform, so no logQ correction is needed. Model selection: NDCG@10 (full catalog) on the validation target after
-each epoch; the best epoch's weights are kept; early stop after `patience` epochs without improvement.
+each epoch (the second-to-last item of every user, or the last item of held-out train users for one Amazon domain);
+the best epoch's weights are kept; early stop after `patience` epochs without improvement.
 
 Evaluation (per user, one target): the target's domain catalog minus the user's history items is scored in full
 (ranks count ties against the target; no target is in its own history in these data), and against 100 negatives
@@ -28,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from model.recall.data import Batch, Catalog, Sequence, make_batch, select
+from model.recall.data import Batch, Catalog, Sequence, Splits, leave_one_out, make_batch, select
 from model.recall.model import N_DOMAINS, RecallConfig, RecallModel, sampled_softmax_loss
 
 TENSORS, MANIFEST = "model.safetensors", "manifest.json"
@@ -68,22 +70,25 @@ def get_preset(name: str) -> Preset:
 
 
 def negatives_for_batch(catalog: Catalog, k: int, gen: torch.Generator) -> torch.Tensor:
-    """(N_DOMAINS, k) item ids drawn uniformly with replacement from each domain."""
+    """(N_DOMAINS, k) item ids drawn uniformly with replacement from each domain (padding ids for a domain the
+    catalog does not have: a one-domain catalog has no target there, so its row is never read)."""
     rows = []
     for d in range(N_DOMAINS):
         ids = torch.from_numpy(catalog.domain_items(d))
-        rows.append(ids[torch.randint(len(ids), (k,), generator=gen)])
+        rows.append(ids[torch.randint(len(ids), (k,), generator=gen)] if len(ids) else torch.zeros(k, dtype=torch.long))
     return torch.stack(rows)
 
 
 class Popularity(torch.nn.Module):
-    """Floor: every user gets the items of the target domain by training-prefix popularity (same `evaluate`)."""
+    """Floor: every user gets the items of the target domain by training-prefix popularity (same `evaluate`).
 
-    def __init__(self, seqs: list[Sequence], n_items: int, max_len: int = 50):
+    `cut`: items left out at the end of each sequence (2: leave-one-out training prefixes; 0: training users)."""
+
+    def __init__(self, seqs: list[Sequence], n_items: int, max_len: int = 50, cut: int = 2):
         super().__init__()
         counts = np.zeros(n_items + 1)
         for s in seqs:
-            np.add.at(counts, s.items[:-2], 1)  # training prefixes only
+            np.add.at(counts, s.items[:len(s.items) - cut], 1)  # training prefixes only
         self.counts = torch.from_numpy(counts).float()
         self.cfg = RecallConfig(n_items=n_items, variant="hstu", max_len=max_len)
 
@@ -95,11 +100,12 @@ class Popularity(torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate(model: RecallModel | Popularity, seqs: list[Sequence], catalog: Catalog, split: str, batch_size: int = 256,
-             seed: int = 0, sampled_too: bool = True) -> dict[str, Any]:
-    """Per-user ranks of the validation ("valid") or test ("test") target: full domain catalog and 100 sampled
-    (sampled ranks are 0 when `sampled_too` is off)."""
-    cut = {"valid": 1, "test": 0}[split]
+def evaluate(model: RecallModel | Popularity, seqs: list[Sequence], catalog: Catalog, split: str | int,
+             batch_size: int = 256, seed: int = 0, sampled_too: bool = True) -> dict[str, Any]:
+    """Per-user ranks of the validation ("valid": second-to-last item) or test ("test": last item) target, or of the
+    last item after cutting `split` items (an int): full domain catalog and 100 sampled (sampled ranks are 0 when
+    `sampled_too` is off)."""
+    cut = split if isinstance(split, int) else {"valid": 1, "test": 0}[split]
     model.eval()
     full = np.zeros(len(seqs), dtype=np.int64)
     sampled = np.zeros(len(seqs), dtype=np.int64)
@@ -155,17 +161,19 @@ def per_user_ndcg(ranks: np.ndarray) -> np.ndarray:
     return np.where((ranks <= 10) & (ranks >= 1), 1 / np.log2(np.maximum(ranks, 1) + 1), 0.0)
 
 
-def train(catalog: Catalog, seqs: list[Sequence], variant: str, preset: Preset, seed: int = 0,
+def train(catalog: Catalog, seqs: list[Sequence] | Splits, variant: str, preset: Preset, seed: int = 0,
           progress: bool = True, max_minutes: float | None = None,
           log: Callable[[str], None] = print, **overrides: Any) -> tuple[RecallModel, dict[str, Any]]:
-    """Train one variant; returns the best-on-validation model and its history."""
+    """Train one variant; returns the best-on-validation model and its history. `seqs`: sequences under the
+    leave-one-out protocol, or `Splits` (training and validation users, with their cuts)."""
+    splits = seqs if isinstance(seqs, Splits) else leave_one_out(catalog, seqs)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     cfg = RecallConfig(n_items=catalog.n_items, variant=variant, d=preset.d, n_layers=preset.n_layers,
                        n_heads=preset.n_heads, dropout=preset.dropout, tau=preset.tau, **overrides)
     model = RecallModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=preset.weight_decay)
-    data = make_batch(seqs, cfg.max_len, cut=2)
+    data = make_batch(splits.train, cfg.max_len, cut=splits.train_cut)
     data_ok = data.targets.gt(0).any(1).nonzero().squeeze(1)  # users with at least one training target
     budget = 60 * (max_minutes if max_minutes is not None else preset.max_minutes)
     t0, best, best_state, history, bad = time.perf_counter(), -1.0, None, [], 0
@@ -187,7 +195,7 @@ def train(catalog: Catalog, seqs: list[Sequence], variant: str, preset: Preset, 
             losses.append(float(loss.detach()))
             cos.append(model.gca_cos())
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        valid = metrics(evaluate(model, seqs, catalog, "valid", seed=seed, sampled_too=False),
+        valid = metrics(evaluate(model, splits.valid, catalog, splits.valid_cut, seed=seed, sampled_too=False),
                         catalog.domains)["all"]
         entry = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "valid_ndcg@10": valid["ndcg@10_full"],
                  "valid_recall@10": valid["recall@10_full"], "wall_s": time.perf_counter() - t0}
