@@ -31,7 +31,7 @@ from model.prompts import PromptBuilder, encode_pieces
 from service.cache import TokenCache
 from service.catalog import Catalogs, Resolved
 from service.schemas import InputError, Item, RankedItem, RecommendRequest, RecommendResponse, field_error
-from service.text_recall import DomainRecall
+from service.text_recall import DomainRecall, IdStage
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class Engine:
         max_len: int = 256,  # prompt tokens; the oldest history items are dropped beyond it
         max_history: int = 50,  # history items kept (the most recent)
         batch_prompts: int = 30,  # prompts per forward on the direct path (`score`, `recommend`)
-        recall: Mapping[str, DomainRecall] | None = None,  # per domain: candidates for requests without them
+        recall: Mapping[str, DomainRecall | IdStage] | None = None,  # per domain: candidates for requests without
         recall_n: int = 200,  # how many candidates the recall stage picks
     ):
         missing = sorted({m.domain for m in models.values()} - set(catalogs.domains))
@@ -174,11 +174,11 @@ class Engine:
             msg = ("is empty and no candidates were given: the recall stage picks candidates from the history; "
                    "give at least one history item, or the candidates to rank")
             raise InputError([field_error(["body", "history"], msg, "too_short")])
-        found = stage.candidates(history, self.recall_n)
+        found, name = stage.pick(history, self.recall_n)  # name: the stage used (an id stage may fall back to text)
         if not found:
             msg = f"recalled nothing: the history covers the whole {domain} catalog; give the candidates to rank"
             raise InputError([field_error(["body", "history"], msg, "too_long")])
-        return found, stage.name
+        return found, name
 
     def forward(self, key: str, prompts: Sequence[Sequence[int]]) -> list[float]:
         """Scores of one forward batch through the model `key` (a domain: its default), padded to its longest."""

@@ -29,7 +29,7 @@ from service.catalog import Catalogs
 from service.engine import Engine, Runtime, ServedModel, TorchRuntime, locked_encoder
 from service.machine import cpu_bf16_flags, tune_malloc
 from service.settings import BACKEND_PRECISION, Settings
-from service.text_recall import build_text_recall
+from service.text_recall import build_recall_stages, build_text_recall
 from training.data import DOMAINS
 
 log = logging.getLogger("service")
@@ -290,6 +290,7 @@ def load_engine(settings: Settings) -> Engine:
     # text recall (issue 20): catalog embeddings by the plain backbone, before build_runtime may cast it to bf16
     recall = (build_text_recall(backbone, catalogs, catalogs.domains, settings.recall_index, settings.recall_cache)
               if settings.recall_n > 0 else {})
+    recall = build_recall_stages(recall, artifacts / "recall", settings.recall_mode)  # item-id recall where trained
     runtime = build_runtime(backend, models, settings, backbone, device)
     for line in startup_summary(models, settings, device, backend, why, malloc):
         log.info("%s", line)

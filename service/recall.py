@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -115,22 +116,10 @@ class RecallModels:
 
     @classmethod
     def load(cls, root: Path, data_root: Path | None = None) -> RecallModels:
-        """Every `<root>/<dataset>/<variant>/` checkpoint; the best per dataset by the manifest's validation NDCG@10
-        (test NDCG@10 for manifests without validation metrics).
-
-        A corrupt checkpoint or a missing catalog is logged and skipped (the rest of the service still starts)."""
-        found: dict[str, list[tuple[float, str, RecallModel, dict[str, Any]]]] = {}
-        for man in sorted(root.glob("*/*/manifest.json")):
-            try:
-                model, manifest = load_checkpoint(man.parent)
-            except (ValueError, KeyError, TypeError) as exc:
-                log.error("recall checkpoint %s skipped: %s", man.parent, exc)
-                continue
-            ndcg = manifest.get("valid", manifest.get("test", {})).get("all", {}).get("ndcg@10_full", 0.0)
-            found.setdefault(manifest["dataset"], []).append((ndcg, man.parent.name, model, manifest))
+        """The mixed-domain datasets' checkpoints (`best_checkpoints`; the amazon-<Domain> ones serve the
+        two-stage `/recommend`, service/text_recall.py). A missing catalog is logged and skipped."""
         out = {}
-        for dataset, options in found.items():
-            ndcg, variant, model, manifest = max(options, key=lambda o: o[0])
+        for dataset, (variant, model, manifest) in best_checkpoints(root, DATASETS).items():
             try:
                 path = dataset_dir(dataset, data_root)
             except (ValueError, FileNotFoundError) as exc:
@@ -149,6 +138,28 @@ class RecallModels:
 
 
 _LOADED: dict[tuple, RecallModels] = {}
+
+
+def best_checkpoints(root: Path, datasets: Iterable[str]) -> dict[str, tuple[str, RecallModel, dict[str, Any]]]:
+    """{dataset: (variant, model, manifest)} of the `<root>/<dataset>/<variant>/` checkpoints of `datasets`: the
+    best per dataset by the manifest's validation NDCG@10 (test NDCG@10 for manifests without validation metrics).
+
+    A corrupt checkpoint is logged and skipped (the rest of the service still starts)."""
+    found: dict[str, list[tuple[float, str, RecallModel, dict[str, Any]]]] = {}
+    for dataset in sorted(set(datasets)):
+        for man in sorted((root / dataset).glob("*/manifest.json")):
+            try:
+                model, manifest = load_checkpoint(man.parent)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.error("recall checkpoint %s skipped: %s", man.parent, exc)
+                continue
+            ndcg = manifest.get("valid", manifest.get("test", {})).get("all", {}).get("ndcg@10_full", 0.0)
+            found.setdefault(dataset, []).append((ndcg, man.parent.name, model, manifest))
+    out = {}
+    for dataset, options in found.items():
+        _, variant, model, manifest = max(options, key=lambda o: o[0])
+        out[dataset] = (variant, model, manifest)
+    return out
 
 
 def _asins(path: Path, n: int) -> list[str | None]:

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     recall_index: Literal["exact", "hnsw"] = Field(
         "exact", description="text recall search: exact = one matrix product over the catalog; hnsw = usearch's "
                              "approximate HNSW graph (pip install usearch), for catalogs too large for exact search")
+    recall_mode: Literal["auto", "text", "id", "blend"] = Field(
+        "auto", description="recall stage of a domain with an item-id checkpoint (XCROSS_ARTIFACTS/recall/"
+                            "amazon-<Domain>/): id = the id model alone, blend = reciprocal rank fusion of text and "
+                            "id recall, text = text only; auto = blend. Domains without one use text recall")
     recall_cache: Path | None = Field(RECALL_CACHE, description="where the catalogs' title embeddings are cached "
                                                                 "(one .npy per catalog and backbone, keyed by "
                                                                 "a hash of its titles)")

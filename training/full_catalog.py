@@ -1,18 +1,25 @@
 """Full-catalog evaluation of the two-stage recommender (issue 20): recall from the whole catalog, then rerank.
 
-    python -m training full-catalog --domain Tools --users 300     # results/full_catalog-Tools.json
+    python -m training full-catalog --domain Tools --users 0 --rerankers ''   # all dev users, recall stages only
+    python -m training full-catalog --domain Tools --users 150                  # + reranks: full_catalog_rerank-*
 
 On the first N dev users (or any dev.jsonl-format file, `--users-file`), the held-out target is looked for among
 the domain's **whole catalog** (no sampled negatives), the user's history items excluded:
 - recall stages: text recall (MiniLM title embeddings, cosine with the history's mean; exact search), the same
-  through usearch's HNSW index (its top-N agreement with exact search is reported too), and training-set
-  popularity as the floor. Recall@50/100/200 of each; rank = items scoring >= the target (ties count against it).
+  through usearch's HNSW index (its top-N agreement with exact search is reported too), training-set
+  popularity as the floor, and, for each item-id checkpoint under artifacts/recall/amazon-<D>/<variant>/, the id
+  model alone (`id:<variant>`) and its blend with text recall (`blend:text+<variant>`: reciprocal rank fusion of
+  the two top 200, as the service's XCROSS_RECALL_MODE=blend with XCROSS_RECALL_N=200). Recall@50/100/200 of
+  each; rank = items scoring >= the target (ties count against it); a blend rank is the target's place in the
+  fused top 200 (beyond it: a miss).
 - recall alone vs recall + rerank: the text recall's top `--rerank-n` (200) are scored by the domain's served
   X-Cross checkpoint (artifacts/xcross/<D>) and by its own-domain LoRA (artifacts/lora/<D>), 30 prompts per
   forward, in the served form (streamwise, bf16 where the preset says so). A target outside the recalled set is a
   miss for every reranker. Hit@10 and NDCG@10 (x100) per row; two-sided paired t-tests (scipy) on the per-user
   vectors.
 Reranked scores are appended per user to runs/full_catalog/<D>-<model sha12>.jsonl, so a killed run resumes.
+A run without rerankers writes results/full_catalog-<D>.json, one with rerankers results/full_catalog_rerank-<D>.json
+(so the cheap recall-stage runs on all users and the expensive reranks on fewer users live side by side).
 `markdown_section()` renders the docs/results.md section (`python -m training report` splices it in).
 """
 
@@ -32,6 +39,7 @@ from tqdm import tqdm
 
 from model.checkpoint import load_model, read_manifest
 from model.inference import optimize_for_inference, serve_bf16_, serving_autocast
+from model.recall.blend import RRF_K, IdRecall, rrf
 from model.recall.text import (
     ExactIndex,
     HnswIndex,
@@ -49,6 +57,7 @@ log = logging.getLogger("training")
 RECALL_CACHE = Path("~/.cache/xcross-serve/recall").expanduser()  # the service's XCROSS_RECALL_CACHE default
 NS = (50, 100, 200)
 MISS = None  # a target outside the recalled set (rank stored as null)
+BLEND_N = 200  # each stage's top N fused by the blend (the service's XCROSS_RECALL_N default)
 
 
 def ndcg10(rank: int | None) -> float:
@@ -92,6 +101,17 @@ def rank_in(candidates: Sequence[int], scores: Sequence[float], target: int) -> 
         return MISS
     s = np.asarray(scores, dtype=np.float64)
     return int((s >= s[list(candidates).index(target)]).sum())
+
+
+def id_recalls(artifacts: Path, domain: str) -> dict[str, tuple[IdRecall, dict]]:
+    """{variant: (IdRecall, manifest)} of every checkpoint under <artifacts>/recall/amazon-<domain>/."""
+    from model.recall.train import load_checkpoint
+
+    out = {}
+    for man in sorted((artifacts / "recall" / f"amazon-{domain}").glob("*/manifest.json")):
+        model, manifest = load_checkpoint(man.parent)
+        out[man.parent.name] = (IdRecall(model, man.parent.name), manifest)
+    return out
 
 
 def _served_form(path: Path, ctx: Context, bf16: bool) -> tuple[torch.nn.Module, dict]:
@@ -154,7 +174,9 @@ def full_catalog(ctx: Context, domain: str, n_users: int | None = 300, users_fil
     hnsw_build_s = time.perf_counter() - t0
     pop = dom.popularity.astype(np.float64)
 
+    ids = id_recalls(ctx.paths.artifacts, domain)
     ranks: dict[str, list[int | None]] = {"text": [], "text_hnsw": [], "popularity": []}
+    ranks |= {f"{kind}{v}": [] for v in ids for kind in ("id:", "blend:text+")}
     agree = {n: [] for n in NS}
     recalled: list[list[int]] = []
     t_exact = t_hnsw = 0.0
@@ -173,6 +195,12 @@ def full_catalog(ctx: Context, domain: str, n_users: int | None = 300, users_fil
         hits = approx.tolist()
         ranks["text_hnsw"].append(hits.index(u.target) + 1 if u.target in hits else MISS)
         recalled.append(top[:rerank_n].tolist())
+        for v, (idr, _) in ids.items():
+            s = idr.scores(u.history)
+            ranks[f"id:{v}"].append(full_rank(s, u.target, u.history))
+            fused, _ = rrf([top[:BLEND_N].tolist(), idr.search(u.history, BLEND_N)[0].tolist()], BLEND_N)
+            fused = fused.tolist()
+            ranks[f"blend:text+{v}"].append(fused.index(u.target) + 1 if u.target in fused else MISS)
 
     source = PromptSource(bb.tokenizer, dom.catalog, ctx.preset.lora.max_len)
     bf16 = ctx.preset.lora.bf16
@@ -194,8 +222,9 @@ def full_catalog(ctx: Context, domain: str, n_users: int | None = 300, users_fil
 
     metrics = {name: summarize(r) for name, r in ranks.items()}
     tests = {}
-    for a, b in [("text+xcross", "text"), ("text+lora", "text"), ("text+xcross", "text+lora"),
-                 ("text", "popularity")]:
+    pairs = [("text+xcross", "text"), ("text+lora", "text"), ("text+xcross", "text+lora"), ("text", "popularity")]
+    pairs += [(f"{kind}{v}", b) for v in ids for kind in ("id:", "blend:text+") for b in ("text", "popularity")]
+    for a, b in pairs:
         if a in ranks and b in ranks:
             tests[f"{a} vs {b}"] = paired(ranks[a], ranks[b])
     result = {
@@ -205,6 +234,10 @@ def full_catalog(ctx: Context, domain: str, n_users: int | None = 300, users_fil
                 "build_s": round(hnsw_build_s, 3), "query_ms": round(1000 * t_hnsw / max(1, len(users)), 3),
                 "exact_query_ms": round(1000 * t_exact / max(1, len(users)), 3)},
         "catalog_items": len(dom.catalog), "users": len(users), "rerank_n": rerank_n, "rerankers": models,
+        "id_models": {v: {"sha": m["sha256"][:12], "best_epoch": m.get("best_epoch"), "preset": m.get("preset"),
+                          "valid_ndcg@10": m.get("valid", {}).get("all", {}).get("ndcg@10_full")}
+                      for v, (_, m) in ids.items()},
+        "blend": {"method": "reciprocal rank fusion", "k": RRF_K, "depth": BLEND_N},
         "embeddings": {"cached": hit, "s": round(embed_s, 1), "key": key[:16]},
         "per_user": [{"user": u.user, "target": u.target, **{k: ranks[k][i] for k in ranks}}
                      for i, u in enumerate(users)],
@@ -212,7 +245,8 @@ def full_catalog(ctx: Context, domain: str, n_users: int | None = 300, users_fil
     meta = ctx.meta(kind="full-catalog", domain=domain, users_file=str(users_file or "dev.jsonl"),
                     command=command, torch_threads=torch.get_num_threads(),
                     wall_s=round(time.perf_counter() - t_start, 1))
-    save_result(ctx.paths.results / f"full_catalog-{domain}.json", result, **meta)
+    name = "full_catalog_rerank" if rerankers else "full_catalog"
+    save_result(ctx.paths.results / f"{name}-{domain}.json", result, **meta)
     return {**meta, **result}
 
 
@@ -225,41 +259,70 @@ ROWS = [("popularity", "popularity (recall alone)"), ("text", "text recall, exac
         ("text+xcross", "text top-200 + X-Cross rerank")]
 
 
+def _label(key: str) -> str:
+    if key.startswith("id:"):
+        return f"item-id recall, {key[3:]} (alone)"
+    if key.startswith("blend:text+"):
+        return f"blend: text + {key[11:]} (RRF of the two top {BLEND_N})"
+    return dict(ROWS).get(key, key)
+
+
+def _order(metrics: dict) -> list[str]:
+    """Popularity, text, then the id and blend rows, then the reranks."""
+    fixed = [k for k, _ in ROWS[:3] if k in metrics]
+    return fixed + sorted(k for k in metrics if k.startswith(("id:", "blend:"))) + [k for k, _ in ROWS[3:]
+                                                                                     if k in metrics]
+
+
+def _domain_of(path: Path) -> str:
+    return path.stem.split("-", 1)[1]
+
+
+def _section(r: dict, title: str) -> list[str]:
+    m = r["metrics"]
+    parts = [title, "", "| stage | R@50 | R@100 | R@200 | Hit@10 | NDCG@10 |", "|---|---|---|---|---|---|"]
+    for key in _order(m):
+        x = m[key]
+        parts.append(f"| {_label(key)} | {x['recall@50']:.2f} | {x['recall@100']:.2f} | {x['recall@200']:.2f} | "
+                     f"{x['hit@10']:.2f} | {x['ndcg@10']:.2f} |")
+    parts += ["", "| A vs B | Hit@10 diff | p | NDCG@10 diff | p |", "|---|---|---|---|---|"]
+    for name, t in r["paired_ttests"].items():
+        parts.append(f"| {name} | {t['hit@10']['diff']:+.2f} | {t['hit@10']['p_value']:.3g} | "
+                     f"{t['ndcg@10']['diff']:+.2f} | {t['ndcg@10']['p_value']:.3g} |")
+    a = r["ann"]
+    ag = a["agreement_with_exact"]
+    rr = ", ".join(f"{k} {v['sha']} ({v['rerank_s']:.0f} s in this run)" for k, v in r["rerankers"].items()) or "none"
+    idm = ", ".join(f"{k} {v['sha']} ({v['preset']}, epoch {v['best_epoch']}, validation NDCG@10 "
+                    f"{v['valid_ndcg@10']:.2f})" for k, v in r.get("id_models", {}).items()) or "none"
+    parts += ["", f"HNSW ({a['library']}, {a['index']}) vs exact search: top-50 / 100 / 200 agreement "
+                  f"{ag['top50']:.2f} / {ag['top100']:.2f} / {ag['top200']:.2f}%; query {a['query_ms']:.2f} ms "
+                  f"vs exact {a['exact_query_ms']:.2f} ms, build {a['build_s']:.2f} s. Rerankers: {rr}. "
+                  f"Item-id models: {idm}. Preset `{r['preset']}`, commit `{r['commit']}`, "
+                  f"{r.get('torch_threads', '?')} thread(s), `{r['command']}`.", ""]
+    return parts
+
+
 def markdown_section(results: Path = REPO / "results") -> str:
-    """The docs/results.md section from results/full_catalog-*.json."""
+    """The docs/results.md section from results/full_catalog-*.json (recall stages) and
+    results/full_catalog_rerank-*.json (recall + rerank)."""
     from training.data import DOMAINS
 
-    files = sorted(results.glob("full_catalog-*.json"),
-                   key=lambda f: (DOMAINS.index(f.stem[13:]) if f.stem[13:] in DOMAINS else 99, f.name))
+    def files(prefix: str) -> list[Path]:
+        return sorted(results.glob(f"{prefix}-*.json"), key=lambda f: (
+            DOMAINS.index(_domain_of(f)) if _domain_of(f) in DOMAINS else 99, f.name))
+
     parts = ["## Full catalog: recall + rerank (issue 20)", "",
              "The held-out dev target among the domain's **whole catalog** (history items excluded, no sampled "
-             "negatives): Recall@N of each recall stage, and Hit@10 / NDCG@10 (x100) of recall alone vs the text "
-             "recall's top 200 reranked by the served X-Cross and by the domain's own LoRA (a target the recall "
-             "missed is a miss). Rank = items scoring >= the target. Produced by "
-             "`python -m training full-catalog --domain <D> --users <N>` (module `training/full_catalog.py`; each "
-             "section names its users and command; a domain without rerank rows was run with `--rerankers ''`, "
-             "the recall stages only); p: two-sided paired t-test on per-user vectors.", ""]
-    for path in files:
+             "negatives): Recall@N of each recall stage (text, the item-id model, their blend, popularity), and "
+             "Hit@10 / NDCG@10 (x100) of recall alone vs the text recall's top 200 reranked by the served X-Cross "
+             "and by the domain's own LoRA (a target the recall missed is a miss). Rank = items scoring >= the "
+             "target. Produced by `python -m training full-catalog --domain <D> --users <N>` (module "
+             "`training/full_catalog.py`; each section names its users and command; the recall-stage tables were "
+             "run with `--rerankers ''`); p: two-sided paired t-test on per-user vectors.", ""]
+    for path in files("full_catalog"):
         r = json.loads(path.read_text())
-        m = r["metrics"]
-        parts += [f"### {r['domain']} ({r['users']} dev users, {r['catalog_items']} items)", "",
-                  "| stage | R@50 | R@100 | R@200 | Hit@10 | NDCG@10 |", "|---|---|---|---|---|---|"]
-        for key, label in ROWS:
-            if key in m:
-                x = m[key]
-                parts.append(f"| {label} | {x['recall@50']:.2f} | {x['recall@100']:.2f} | {x['recall@200']:.2f} | "
-                             f"{x['hit@10']:.2f} | {x['ndcg@10']:.2f} |")
-        parts += ["", "| A vs B | Hit@10 diff | p | NDCG@10 diff | p |", "|---|---|---|---|---|"]
-        for name, t in r["paired_ttests"].items():
-            parts.append(f"| {name} | {t['hit@10']['diff']:+.2f} | {t['hit@10']['p_value']:.3g} | "
-                         f"{t['ndcg@10']['diff']:+.2f} | {t['ndcg@10']['p_value']:.3g} |")
-        a = r["ann"]
-        ag = a["agreement_with_exact"]
-        rr = ", ".join(f"{k} {v['sha']} ({v['rerank_s']:.0f} s in this run)"
-                       for k, v in r["rerankers"].items()) or "none"
-        parts += ["", f"HNSW ({a['library']}, {a['index']}) vs exact search: top-50 / 100 / 200 agreement "
-                      f"{ag['top50']:.2f} / {ag['top100']:.2f} / {ag['top200']:.2f}%; query {a['query_ms']:.2f} ms "
-                      f"vs exact {a['exact_query_ms']:.2f} ms, build {a['build_s']:.2f} s. Rerankers: {rr}. "
-                      f"Preset `{r['preset']}`, commit `{r['commit']}`, {r.get('torch_threads', '?')} thread(s), "
-                      f"`{r['command']}`.", ""]
+        parts += _section(r, f"### {r['domain']} ({r['users']} dev users, {r['catalog_items']} items)")
+    for path in files("full_catalog_rerank"):
+        r = json.loads(path.read_text())
+        parts += _section(r, f"### {r['domain']}, reranked ({r['users']} dev users, {r['catalog_items']} items)")
     return "\n".join(parts)

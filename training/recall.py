@@ -74,7 +74,7 @@ def provenance(command: str) -> dict[str, Any]:
 @app.command("train")
 def train_cmd(dataset: DatasetOpt = "food-kitchen",
               variant: Annotated[str, typer.Option(help="hstu | sasrec | intra | tape | ddsr | gca")] = "tape",
-              preset: Annotated[str, typer.Option(help="smoke | cpu")] = "cpu",
+              preset: Annotated[str, typer.Option(help="smoke | cpu | amazon (one Amazon domain)")] = "cpu",
               seed: Annotated[int, typer.Option(help="seed of init, order and negatives")] = 0,
               max_minutes: Annotated[float | None, typer.Option(help="wall-clock cap (default: the preset's)")]
               = None,
