@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from model.recall.data import DATASETS, DEFAULT_DATA, Catalog, dataset_dir, load_catalog
 from model.recall.model import RecallModel
-from model.recall.train import batch_for_history, load_checkpoint
+from model.recall.train import PRESETS, batch_for_history, load_checkpoint
 from service.schemas import ErrorResponse, InputError, JsonInt, field_error
 
 log = logging.getLogger("service")
@@ -142,7 +142,8 @@ _LOADED: dict[tuple, RecallModels] = {}
 
 def best_checkpoints(root: Path, datasets: Iterable[str]) -> dict[str, tuple[str, RecallModel, dict[str, Any]]]:
     """{dataset: (variant, model, manifest)} of the `<root>/<dataset>/<variant>/` checkpoints of `datasets`: the
-    best per dataset by the manifest's validation NDCG@10 (test NDCG@10 for manifests without validation metrics).
+    best per dataset by the validation metric its preset chose epochs by (NDCG@10, or Recall@200 for `amazon`;
+    test metrics for manifests without validation metrics).
 
     A corrupt checkpoint is logged and skipped (the rest of the service still starts)."""
     found: dict[str, list[tuple[float, str, RecallModel, dict[str, Any]]]] = {}
@@ -153,8 +154,9 @@ def best_checkpoints(root: Path, datasets: Iterable[str]) -> dict[str, tuple[str
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("recall checkpoint %s skipped: %s", man.parent, exc)
                 continue
-            ndcg = manifest.get("valid", manifest.get("test", {})).get("all", {}).get("ndcg@10_full", 0.0)
-            found.setdefault(dataset, []).append((ndcg, man.parent.name, model, manifest))
+            preset = PRESETS.get(manifest.get("preset"), PRESETS["cpu"])
+            score = manifest.get("valid", manifest.get("test", {})).get("all", {}).get(f"{preset.select}_full", 0.0)
+            found.setdefault(dataset, []).append((score, man.parent.name, model, manifest))
     out = {}
     for dataset, options in found.items():
         _, variant, model, manifest = max(options, key=lambda o: o[0])

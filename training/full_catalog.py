@@ -75,11 +75,12 @@ def summarize(ranks: Sequence[int | None]) -> dict[str, float]:
 
 
 def paired(a: Sequence[int | None], b: Sequence[int | None]) -> dict[str, dict[str, float]]:
-    """Two-sided paired t-tests of per-user Hit@10 and NDCG@10, a - b (x100)."""
+    """Two-sided paired t-tests of per-user Hit@10, NDCG@10 and Recall@200, a - b (x100)."""
     from scipy.stats import ttest_rel
 
     out = {}
-    for metric, f in (("hit@10", lambda r: float(r is not None and r <= 10)), ("ndcg@10", ndcg10)):
+    for metric, f in (("hit@10", lambda r: float(r is not None and r <= 10)), ("ndcg@10", ndcg10),
+                      ("recall@200", lambda r: float(r is not None and r <= 200))):
         xa, xb = np.array([f(r) for r in a]), np.array([f(r) for r in b])
         diff = xa - xb
         p = 1.0 if np.allclose(diff, 0) else float(ttest_rel(xa, xb).pvalue)
@@ -235,7 +236,8 @@ def full_catalog(ctx: Context, domain: str, n_users: int | None = 300, users_fil
                 "exact_query_ms": round(1000 * t_exact / max(1, len(users)), 3)},
         "catalog_items": len(dom.catalog), "users": len(users), "rerank_n": rerank_n, "rerankers": models,
         "id_models": {v: {"sha": m["sha256"][:12], "best_epoch": m.get("best_epoch"), "preset": m.get("preset"),
-                          "valid_ndcg@10": m.get("valid", {}).get("all", {}).get("ndcg@10_full")}
+                          **{f"valid_{k}": m.get("valid", {}).get("all", {}).get(f"{k}_full")
+                             for k in ("ndcg@10", "recall@200")}}
                       for v, (_, m) in ids.items()},
         "blend": {"method": "reciprocal rank fusion", "k": RRF_K, "depth": BLEND_N},
         "embeddings": {"cached": hit, "s": round(embed_s, 1), "key": key[:16]},
@@ -285,15 +287,17 @@ def _section(r: dict, title: str) -> list[str]:
         x = m[key]
         parts.append(f"| {_label(key)} | {x['recall@50']:.2f} | {x['recall@100']:.2f} | {x['recall@200']:.2f} | "
                      f"{x['hit@10']:.2f} | {x['ndcg@10']:.2f} |")
-    parts += ["", "| A vs B | Hit@10 diff | p | NDCG@10 diff | p |", "|---|---|---|---|---|"]
+    parts += ["", "| A vs B | Hit@10 diff | p | NDCG@10 diff | p | R@200 diff | p |", "|---|---|---|---|---|---|---|"]
     for name, t in r["paired_ttests"].items():
-        parts.append(f"| {name} | {t['hit@10']['diff']:+.2f} | {t['hit@10']['p_value']:.3g} | "
-                     f"{t['ndcg@10']['diff']:+.2f} | {t['ndcg@10']['p_value']:.3g} |")
+        cells = [f"{t[m]['diff']:+.2f} | {t[m]['p_value']:.3g}" if m in t else "n/a | n/a"
+                 for m in ("hit@10", "ndcg@10", "recall@200")]
+        parts.append(f"| {name} | " + " | ".join(cells) + " |")
     a = r["ann"]
     ag = a["agreement_with_exact"]
     rr = ", ".join(f"{k} {v['sha']} ({v['rerank_s']:.0f} s in this run)" for k, v in r["rerankers"].items()) or "none"
     idm = ", ".join(f"{k} {v['sha']} ({v['preset']}, epoch {v['best_epoch']}, validation NDCG@10 "
-                    f"{v['valid_ndcg@10']:.2f})" for k, v in r.get("id_models", {}).items()) or "none"
+                    f"{v['valid_ndcg@10']:.2f}, Recall@200 {v.get('valid_recall@200') or 0:.2f})"
+                    for k, v in r.get("id_models", {}).items()) or "none"
     parts += ["", f"HNSW ({a['library']}, {a['index']}) vs exact search: top-50 / 100 / 200 agreement "
                   f"{ag['top50']:.2f} / {ag['top100']:.2f} / {ag['top200']:.2f}%; query {a['query_ms']:.2f} ms "
                   f"vs exact {a['exact_query_ms']:.2f} ms, build {a['build_s']:.2f} s. Rerankers: {rr}. "

@@ -51,5 +51,34 @@ def test_markdown_section(tmp_path):
     md = markdown_section(tmp_path)
     assert "### Tools (4 dev users, 5820 items)" in md
     assert "| text top-200 + X-Cross rerank | 10.00 | 20.00 | 30.00 | 5.00 | 2.50 |" in md
-    assert "| text+xcross vs text | +1.00 | 0.5 | +1.00 | 0.5 |" in md
+    assert "| text+xcross vs text | +1.00 | 0.5 | +1.00 | 0.5 | n/a | n/a |" in md
     assert "99.00 / 98.50 / 98.00%" in md
+
+
+def test_markdown_renders_id_and_blend_rows_and_the_rerank_file(tmp_path):
+    row = {"recall@50": 10.0, "recall@100": 20.0, "recall@200": 30.0, "hit@10": 5.0, "ndcg@10": 2.5, "n_users": 4}
+    test = {m: {"diff": 1.0, "p_value": 0.5} for m in ("hit@10", "ndcg@10", "recall@200")}
+    ann = {"library": "usearch", "index": "HNSW", "agreement_with_exact": {"top50": 99.0, "top100": 98.5,
+                                                                          "top200": 98.0},
+           "query_ms": 0.5, "exact_query_ms": 0.7, "build_s": 1.0}
+    base = {"domain": "Tools", "catalog_items": 5820, "preset": "cpu", "commit": "abc", "torch_threads": 1, "ann": ann}
+    stages = {**base, "users": 1097, "command": "python -m training full-catalog --domain Tools --users 0",
+              "metrics": {"text": row, "popularity": row, "id:hstu": row, "blend:text+hstu": row},
+              "paired_ttests": {"id:hstu vs text": test}, "rerankers": {},
+              "id_models": {"hstu": {"sha": "0123456789ab", "preset": "amazon", "best_epoch": 6,
+                                     "valid_ndcg@10": 0.7}}}
+    rerank = {**base, "users": 150, "command": "python -m training full-catalog --domain Tools --users 150",
+              "metrics": {"text": row, "text+xcross": row}, "paired_ttests": {},
+              "rerankers": {"xcross": {"sha": "0123456789ab", "rerank_s": 10.0}}}
+    (tmp_path / "full_catalog-Tools.json").write_text(json.dumps(stages))
+    (tmp_path / "full_catalog_rerank-Tools.json").write_text(json.dumps(rerank))
+    md = markdown_section(tmp_path)
+    assert "### Tools (1097 dev users, 5820 items)" in md and "### Tools, reranked (150 dev users, 5820 items)" in md
+    assert md.index("### Tools (1097") < md.index("### Tools, reranked")
+    lines = md.splitlines()
+    labels = [ln.split(" | ")[0] for ln in lines[lines.index("### Tools (1097 dev users, 5820 items)"):]
+              if ln.startswith("| ") and "R@50" not in ln][:4]
+    assert labels == ["| popularity (recall alone)", "| text recall, exact (alone)",
+                      "| blend: text + hstu (RRF of the two top 200)", "| item-id recall, hstu (alone)"]
+    assert "| id:hstu vs text | +1.00 | 0.5 | +1.00 | 0.5 | +1.00 | 0.5 |" in md
+    assert "Item-id models: hstu 0123456789ab (amazon, epoch 6" in md
