@@ -84,7 +84,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _load_tensors(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+def verify_files(directory: Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists is there with its sha256 (CheckpointError naming the file otherwise)."""
     for name, expected in manifest["files"].items():
         path = directory / name
         if not path.is_file():
@@ -95,6 +96,10 @@ def _load_tensors(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.
                 f"{path}: sha256 {actual[:12]}... does not match the manifest's {expected[:12]}...; "
                 "the file is truncated or modified: re-copy or re-train it"
             )
+
+
+def _load_tensors(directory: Path, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    verify_files(directory, manifest)
     return load_file(directory / TENSORS)
 
 

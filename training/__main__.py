@@ -328,6 +328,35 @@ def full_catalog_cmd(domain: Annotated[str, typer.Option(callback=_domain)],
                    + f"  (n_users {m['n_users']})")
 
 
+@app.command("ship")
+def ship_cmd(source: Annotated[Path, typer.Option("--from", help="staging root of a retrain, e.g. runs/wave2/artifacts")],
+             to: Annotated[Path | None, typer.Option(help="served root (default: artifacts/)")] = None,
+             runs: RunsOpt = None,
+             dry_run: Annotated[bool, typer.Option("--dry-run", help="only check; change nothing")] = False) -> None:
+    """Swap a retrained, verified, self-consistent checkpoint set into the served artifacts
+    (then POST /admin/reload or SIGHUP the service).
+
+    Example: python -m training ship --from runs/wave2/artifacts --dry-run
+    """
+    from training.pipeline import Paths
+    from training.ship import ShipError, ship
+
+    paths = Paths()
+    try:
+        out = ship(source, to or paths.artifacts, runs or paths.runs, dry_run=dry_run)
+    except ShipError as exc:
+        typer.echo(f"not shipped: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    for kind in out["kinds"]:
+        same = " (identical to what is served)" if kind in out["unchanged"] else ""
+        typer.echo(f"{kind}: {', '.join(out['checkpoints'][kind])}{same}")
+    for dst in out["onboarded_sources_kept"]:
+        typer.echo(f"kept an onboarded domain's source: {dst}")
+    typer.echo("checked; nothing changed (--dry-run)" if dry_run else
+               f"shipped into {out['to']}; previous set in {out['backup']}; reload the service: POST /admin/reload "
+               "(Authorization: Bearer $XCROSS_ADMIN_TOKEN) or kill -HUP <pid>")
+
+
 @app.command("compare")
 def compare_cmd(a: Path, b: Path) -> None:
     """Two-sided paired t-test between two saved results (same users)."""
