@@ -116,8 +116,8 @@ def build_recall_stages(text: dict[str, DomainRecall], root: Path, mode: str = "
     out: dict[str, DomainRecall | IdStage] = dict(text)
     for domain, stage in text.items():
         if f"amazon-{domain}" not in found:
-            log.warning("recall mode %s: no id checkpoint under %s/amazon-%s; %s serves text recall", mode, root,
-                        domain, domain)
+            log.log(logging.INFO if mode == "auto" else logging.WARNING, "recall mode %s: no id checkpoint under "
+                    "%s/amazon-%s; %s serves text recall", mode, root, domain, domain)
             continue
         variant, model, _ = found[f"amazon-{domain}"]
         if model.cfg.n_items != len(stage.titles):

@@ -270,10 +270,11 @@ def _label(key: str) -> str:
 
 
 def _order(metrics: dict) -> list[str]:
-    """Popularity, text, then the id and blend rows, then the reranks."""
+    """Popularity, text, then the id rows, the blend rows, then the reranks."""
     fixed = [k for k, _ in ROWS[:3] if k in metrics]
-    return fixed + sorted(k for k in metrics if k.startswith(("id:", "blend:"))) + [k for k, _ in ROWS[3:]
-                                                                                     if k in metrics]
+    ids = sorted(k for k in metrics if k.startswith("id:"))
+    blends = sorted(k for k in metrics if k.startswith("blend:"))
+    return fixed + ids + blends + [k for k, _ in ROWS[3:] if k in metrics]
 
 
 def _domain_of(path: Path) -> str:

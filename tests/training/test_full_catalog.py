@@ -79,6 +79,6 @@ def test_markdown_renders_id_and_blend_rows_and_the_rerank_file(tmp_path):
     labels = [ln.split(" | ")[0] for ln in lines[lines.index("### Tools (1097 dev users, 5820 items)"):]
               if ln.startswith("| ") and "R@50" not in ln][:4]
     assert labels == ["| popularity (recall alone)", "| text recall, exact (alone)",
-                      "| blend: text + hstu (RRF of the two top 200)", "| item-id recall, hstu (alone)"]
+                      "| item-id recall, hstu (alone)", "| blend: text + hstu (RRF of the two top 200)"]
     assert "| id:hstu vs text | +1.00 | 0.5 | +1.00 | 0.5 | +1.00 | 0.5 |" in md
     assert "Item-id models: hstu 0123456789ab (amazon, epoch 6" in md
