@@ -35,9 +35,9 @@ from typing import Annotated
 import typer
 
 from training.data import DOMAINS, check_domain
+from training.onboard import register as register_onboard
 from training.pipeline import Context, Paths
 from training.presets import get_preset
-from training.onboard import register as register_onboard
 from training.recall import app as recall_app
 from training.schedule import STAGES
 from training.variants import app as variants_app
@@ -329,7 +329,7 @@ def full_catalog_cmd(domain: Annotated[str, typer.Option(callback=_domain)],
 
 
 @app.command("ship")
-def ship_cmd(source: Annotated[Path, typer.Option("--from", help="staging root of a retrain, e.g. runs/wave2/artifacts")],
+def ship_cmd(source: Annotated[Path, typer.Option("--from", help="staging root of a retrain: runs/wave2/artifacts")],
              to: Annotated[Path | None, typer.Option(help="served root (default: artifacts/)")] = None,
              runs: RunsOpt = None,
              dry_run: Annotated[bool, typer.Option("--dry-run", help="only check; change nothing")] = False) -> None:
