@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from model.recall.data import DATASETS, DEFAULT_DATA, Catalog, dataset_dir, load_catalog
 from model.recall.model import RecallModel
-from model.recall.train import PRESETS, batch_for_history, load_checkpoint
+from model.recall.train import batch_for_history, load_checkpoint, selection_score
 from service.schemas import ErrorResponse, InputError, JsonInt, field_error
 
 log = logging.getLogger("service")
@@ -154,8 +154,7 @@ def best_checkpoints(root: Path, datasets: Iterable[str]) -> dict[str, tuple[str
             except (ValueError, KeyError, TypeError) as exc:
                 log.error("recall checkpoint %s skipped: %s", man.parent, exc)
                 continue
-            preset = PRESETS.get(manifest.get("preset"), PRESETS["cpu"])
-            score = manifest.get("valid", manifest.get("test", {})).get("all", {}).get(f"{preset.select}_full", 0.0)
+            score = selection_score(manifest)
             found.setdefault(dataset, []).append((score, man.parent.name, model, manifest))
     out = {}
     for dataset, options in found.items():

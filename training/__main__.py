@@ -315,6 +315,9 @@ def full_catalog_cmd(domain: Annotated[str, typer.Option(callback=_domain)],
                      rerank_n: Annotated[int, typer.Option(help="text-recall items each reranker scores")] = 200,
                      rerankers: Annotated[str, typer.Option(help="checkpoint kinds, comma-separated; \"\": none")]
                      = "xcross,lora",
+                     rerank_recall: Annotated[str, typer.Option(
+                         help="recall whose top N the rerankers score: text | blend (text + the served item-id "
+                              "model, the service's auto mode)")] = "text",
                      preset: PresetOpt = "cpu", quiet: QuietOpt = False, artifacts: ArtifactsOpt = None,
                      results: ResultsOpt = None, runs: RunsOpt = None, data: DataOpt = None) -> None:
     """Two-stage evaluation over the whole catalog: recall stages (Recall@50/100/200), recall vs recall + rerank."""
@@ -322,7 +325,7 @@ def full_catalog_cmd(domain: Annotated[str, typer.Option(callback=_domain)],
 
     ctx = _ctx(preset, quiet, 0, artifacts, results, runs, data)
     out = full_catalog(ctx, domain, users or None, users_file, rerank_n, tuple(r for r in rerankers.split(",") if r),
-                       command=command_line())
+                       command=command_line(), rerank_recall=rerank_recall)
     for name, m in out["metrics"].items():
         typer.echo(f"{name:>14}: " + "  ".join(f"{k} {v:.2f}" for k, v in m.items() if k != "n_users")
                    + f"  (n_users {m['n_users']})")

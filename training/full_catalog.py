@@ -115,6 +115,14 @@ def id_recalls(artifacts: Path, domain: str) -> dict[str, tuple[IdRecall, dict]]
     return out
 
 
+def served_variant(ids: dict[str, tuple[IdRecall, dict]]) -> str | None:
+    """The variant the service serves from these checkpoints (service.recall.best_checkpoints' rule: the best
+    validation value of the metric its preset chose epochs by)."""
+    from model.recall.train import selection_score
+
+    return max(ids, key=lambda v: selection_score(ids[v][1])) if ids else None
+
+
 def _served_form(path: Path, ctx: Context, bf16: bool) -> tuple[torch.nn.Module, dict]:
     """A checkpoint as the service runs it on the CPU: streamwise inference form, bf16 weights under bf16 (on a
     backbone of its own: serve_bf16_ casts the backbone's shared tensors)."""
@@ -157,9 +165,20 @@ def rerank(model: torch.nn.Module, source: PromptSource, users: Sequence, candid
 
 def full_catalog(ctx: Context, domain: str, n_users: int | None = 300, users_file: Path | None = None,
                  rerank_n: int = 200, rerankers: Sequence[str] = ("xcross", "lora"),
-                 cache_dir: Path | None = RECALL_CACHE, command: str = "") -> dict:
-    """The evaluation above; writes results/full_catalog-<domain>.json and returns its content."""
+                 cache_dir: Path | None = RECALL_CACHE, command: str = "", rerank_recall: str = "text") -> dict:
+    """The evaluation above; writes results/full_catalog-<domain>.json and returns its content.
+
+    `rerank_recall`: the recall stage whose top `rerank_n` the rerankers score: "text", or "blend" (text + the
+    served item-id variant, as XCROSS_RECALL_MODE=auto serves it; needs an id checkpoint)."""
+    if rerank_recall not in ("text", "blend"):
+        raise ValueError(f"rerank_recall {rerank_recall!r}: use 'text' or 'blend'")
     t_start = time.perf_counter()
+    ids = id_recalls(ctx.paths.artifacts, domain)
+    served_id = served_variant(ids)
+    if rerank_recall == "blend" and served_id is None:
+        raise ValueError(f"--rerank-recall blend needs an item-id checkpoint under "
+                         f"{ctx.paths.artifacts}/recall/amazon-{domain}/ (python -m training recall train ... --ship)")
+    stage = "text" if rerank_recall == "text" else f"blend:text+{served_id}"
     dom = ctx.domain(domain)
     users = read_users(users_file, len(dom.catalog)) if users_file else dom.dev
     users = users[:n_users]
@@ -175,7 +194,6 @@ def full_catalog(ctx: Context, domain: str, n_users: int | None = 300, users_fil
     hnsw_build_s = time.perf_counter() - t0
     pop = dom.popularity.astype(np.float64)
 
-    ids = id_recalls(ctx.paths.artifacts, domain)
     ranks: dict[str, list[int | None]] = {"text": [], "text_hnsw": [], "popularity": []}
     ranks |= {f"{kind}{v}": [] for v in ids for kind in ("id:", "blend:text+")}
     agree = {n: [] for n in NS}
@@ -202,6 +220,8 @@ def full_catalog(ctx: Context, domain: str, n_users: int | None = 300, users_fil
             fused, _ = rrf([top[:BLEND_N].tolist(), idr.search(u.history, BLEND_N)[0].tolist()], BLEND_N)
             fused = fused.tolist()
             ranks[f"blend:text+{v}"].append(fused.index(u.target) + 1 if u.target in fused else MISS)
+            if v == served_id and rerank_recall == "blend":
+                recalled[-1] = fused[:rerank_n]
 
     source = PromptSource(bb.tokenizer, dom.catalog, ctx.preset.lora.max_len)
     bf16 = ctx.preset.lora.bf16
@@ -215,15 +235,17 @@ def full_catalog(ctx: Context, domain: str, n_users: int | None = 300, users_fil
         model, _ = _served_form(path, ctx, bf16)
         t0 = time.perf_counter()
         scores = rerank(model, source, users, recalled, bf16,
-                        ctx.paths.runs / "full_catalog" / f"{domain}-{kind}-{sha[:12]}-{rerank_n}.jsonl",
+                        ctx.paths.runs / "full_catalog" / f"{domain}-{kind}-{sha[:12]}-{rerank_n}"
+                        f"{'' if rerank_recall == 'text' else '-' + stage.replace(':', '_')}.jsonl",
                         progress=ctx.progress, desc=f"{kind} {domain}")
-        ranks[f"text+{kind}"] = [rank_in(c, s, u.target) for u, c, s in zip(users, recalled, scores, strict=True)]
+        ranks[f"{stage}+{kind}"] = [rank_in(c, s, u.target) for u, c, s in zip(users, recalled, scores, strict=True)]
         models[kind] = {"path": str(path), "sha": sha[:12], "rerank_s": round(time.perf_counter() - t0, 1)}
         del model
 
     metrics = {name: summarize(r) for name, r in ranks.items()}
     tests = {}
-    pairs = [("text+xcross", "text"), ("text+lora", "text"), ("text+xcross", "text+lora"), ("text", "popularity")]
+    pairs = [(f"{stage}+xcross", stage), (f"{stage}+lora", stage), (f"{stage}+xcross", f"{stage}+lora"),
+             ("text", "popularity")]
     pairs += [(f"{kind}{v}", b) for v in ids for kind in ("id:", "blend:text+") for b in ("text", "popularity")]
     for a, b in pairs:
         if a in ranks and b in ranks:
@@ -235,6 +257,7 @@ def full_catalog(ctx: Context, domain: str, n_users: int | None = 300, users_fil
                 "build_s": round(hnsw_build_s, 3), "query_ms": round(1000 * t_hnsw / max(1, len(users)), 3),
                 "exact_query_ms": round(1000 * t_exact / max(1, len(users)), 3)},
         "catalog_items": len(dom.catalog), "users": len(users), "rerank_n": rerank_n, "rerankers": models,
+        "rerank_recall": stage,
         "id_models": {v: {"sha": m["sha256"][:12], "best_epoch": m.get("best_epoch"), "preset": m.get("preset"),
                           **{f"valid_{k}": m.get("valid", {}).get("all", {}).get(f"{k}_full")
                              for k in ("ndcg@10", "recall@200")}}
@@ -247,7 +270,7 @@ def full_catalog(ctx: Context, domain: str, n_users: int | None = 300, users_fil
     meta = ctx.meta(kind="full-catalog", domain=domain, users_file=str(users_file or "dev.jsonl"),
                     command=command, torch_threads=torch.get_num_threads(),
                     wall_s=round(time.perf_counter() - t_start, 1))
-    name = "full_catalog_rerank" if rerankers else "full_catalog"
+    name = ("full_catalog_rerank" + ("" if rerank_recall == "text" else "_blend")) if rerankers else "full_catalog"
     save_result(ctx.paths.results / f"{name}-{domain}.json", result, **meta)
     return {**meta, **result}
 
@@ -262,6 +285,9 @@ ROWS = [("popularity", "popularity (recall alone)"), ("text", "text recall, exac
 
 
 def _label(key: str) -> str:
+    for kind, name in (("+xcross", "X-Cross"), ("+lora", "own-domain LoRA")):
+        if key.endswith(kind) and key != f"text{kind}":
+            return f"{_label(key[: -len(kind)])}, top 200 + {name} rerank"
     if key.startswith("id:"):
         return f"item-id recall, {key[3:]} (alone)"
     if key.startswith("blend:text+"):
@@ -273,8 +299,9 @@ def _order(metrics: dict) -> list[str]:
     """Popularity, text, then the id rows, the blend rows, then the reranks."""
     fixed = [k for k, _ in ROWS[:3] if k in metrics]
     ids = sorted(k for k in metrics if k.startswith("id:"))
-    blends = sorted(k for k in metrics if k.startswith("blend:"))
-    return fixed + ids + blends + [k for k, _ in ROWS[3:] if k in metrics]
+    reranked = [k for k in metrics if k.endswith(("+xcross", "+lora"))]
+    blends = sorted(k for k in metrics if k.startswith("blend:") and k not in reranked)
+    return fixed + ids + blends + sorted(reranked, key=lambda k: (k.split("+")[0], k.endswith("+xcross")))
 
 
 def _domain_of(path: Path) -> str:
@@ -327,7 +354,9 @@ def markdown_section(results: Path = REPO / "results") -> str:
     for path in files("full_catalog"):
         r = json.loads(path.read_text())
         parts += _section(r, f"### {r['domain']} ({r['users']} dev users, {r['catalog_items']} items)")
-    for path in files("full_catalog_rerank"):
+    for path in files("full_catalog_rerank") + files("full_catalog_rerank_blend"):
         r = json.loads(path.read_text())
-        parts += _section(r, f"### {r['domain']}, reranked ({r['users']} dev users, {r['catalog_items']} items)")
+        what = r.get("rerank_recall", "text")
+        parts += _section(r, f"### {r['domain']}, {what} top {r['rerank_n']} reranked ({r['users']} dev users, "
+                             f"{r['catalog_items']} items)")
     return "\n".join(parts)

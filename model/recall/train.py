@@ -245,6 +245,13 @@ def save_checkpoint(model: RecallModel, out: Path, dataset: str, domains: list[s
     return out
 
 
+def selection_score(manifest: dict[str, Any]) -> float:
+    """A shipped checkpoint's validation value of the metric its preset chose epochs by (NDCG@10, or Recall@200 for
+    `amazon`; the test metrics for manifests without validation metrics): how the served variant is picked."""
+    preset = PRESETS.get(manifest.get("preset"), PRESETS["cpu"])
+    return manifest.get("valid", manifest.get("test", {})).get("all", {}).get(f"{preset.select}_full", 0.0)
+
+
 def load_checkpoint(path: Path) -> tuple[RecallModel, dict[str, Any]]:
     """The model (eval mode) and its manifest; raises ValueError naming the file when it is missing or corrupt."""
     man_path, ten_path = path / MANIFEST, path / TENSORS
