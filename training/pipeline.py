@@ -208,7 +208,8 @@ def zero_shot(ctx: Context, domains: tuple[str, ...] = DOMAINS, rows: tuple[str,
         for tgt in domains:
             path = ctx.paths.results / "zero_shot" / f"{src}-on-{tgt}.json"
             cached = load_result(path) if path.exists() else {}
-            if cached.get("preset") == ctx.preset.name and cached.get("lora_hash") == sha and "val" in cached:
+            if (cached.get("preset") == ctx.preset.name and cached.get("lora_hash") == sha and "val" in cached
+                    and cached["metrics"].get("n_users") == len(ctx.dev(tgt, n))):  # same model, same users
                 dev.setdefault(src, {})[tgt], val.setdefault(src, {})[tgt] = cached["metrics"], cached["val"]
                 continue
             r_dev = score_checkpoint(ctx, ctx.paths.lora(src), ctx.dev(tgt, n), tgt, cfg.bf16, f"{src}->{tgt} dev")

@@ -72,6 +72,29 @@ def test_zero_shot_reuses_saved_cells_and_splits_by_row(pipeline, monkeypatch):
     assert set(part["dev"]) == {"Sports"} and part["sources"] == {}
 
 
+def test_zero_shot_cells_on_other_users_are_evaluated_again(pipeline, monkeypatch):
+    """A cell saved for another number of dev users (e.g. the first 1,000 before every dev user) is not reused."""
+    import dataclasses
+
+    import training.pipeline as tp
+
+    ctx, *_ = pipeline
+    fewer = dataclasses.replace(ctx, preset=dataclasses.replace(ctx.preset, floor_users=ctx.preset.floor_users - 1))
+    calls = []
+    real = tp.score_checkpoint
+
+    def counting(*a, **k):
+        calls.append(len(a[2]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(tp, "score_checkpoint", counting)
+    zero_shot(fewer, DOMS, rows=("Tools",))
+    n = ctx.preset.floor_users - 1
+    assert calls and calls[0::2] == [n] * len(DOMS)  # the dev cells, on the new number of users
+    zero_shot(ctx, DOMS, rows=("Tools",))  # back to the original users: evaluated again, then saved
+    assert len(calls) == 4 * len(DOMS)
+
+
 def test_xcross_checkpoint_references_its_sources(pipeline):
     _, root, _, zs, xc = pipeline
     m = read_manifest(root / "artifacts" / "xcross" / "Tools")
