@@ -327,7 +327,23 @@ def make_context(preset: str, artifacts: Path, runs: Path, data: OnboardData, tr
     pop = popularity(train_users, len(data.catalog))
     test = with_candidates(test_users, pop, seed=seed + 100)
     ctx._domains[data.name] = Domain(data.name, data.catalog, train_users, test, pop)
+    _validate_every_epoch(ctx, data.name, overrides or [])
     return ctx
+
+
+def _validate_every_epoch(ctx, name: str, overrides: list[str]) -> None:
+    """A new domain is small: with the preset's `eval_every` (500 steps for `cpu`) X-Cross would be validated once,
+    at the end, and nothing would be chosen on validation. Validate at least once per epoch instead, so the best
+    epoch is kept and early stopping can act (unless `--set xcross.eval_every=...` asks otherwise)."""
+    from dataclasses import replace
+
+    xc = ctx.preset.xcross
+    if any(o.split("=")[0].strip() in ("eval_every", "xcross.eval_every") for o in overrides):
+        return
+    per_epoch = max(1, -(-len(ctx.split(name, xc)[0]) // xc.users_per_step))
+    if xc.eval_every > per_epoch:
+        ctx.preset = replace(ctx.preset, xcross=replace(xc, eval_every=per_epoch),
+                             overrides=(*ctx.preset.overrides, f"xcross.eval_every={per_epoch} (once per epoch)"))
 
 
 def _metrics_row(name: str, res: dict, ref: dict | None) -> dict[str, Any]:

@@ -290,3 +290,25 @@ def test_catalog_file_gives_the_trained_titles_back(tmp_path):
     write_catalog(tmp_path / "catalog.jsonl", cat, np.array([3, 0, 1]))
     back = read_catalog(tmp_path / "catalog.jsonl", "Garden")
     assert back.titles == titles and back.asins == ["a", "b", "c"]
+
+
+def test_xcross_is_validated_every_epoch_on_a_small_domain():
+    """With cpu's eval_every=500 a 900-user domain (~102 steps per epoch) would be validated only at the end."""
+    from types import SimpleNamespace
+
+    from training.onboard import _validate_every_epoch
+    from training.presets import get_preset
+
+    def ctx(n_train):
+        return SimpleNamespace(preset=get_preset("cpu"), split=lambda name, cfg: ([None] * n_train, []))
+
+    small = ctx(810)
+    _validate_every_epoch(small, "Garden", [])
+    assert small.preset.xcross.eval_every == 102  # ceil(810 / 8): once per epoch
+    assert small.preset.lora.eval_every == 500 and "xcross.eval_every=102 (once per epoch)" in small.preset.overrides
+    big = ctx(20_000)
+    _validate_every_epoch(big, "Garden", [])
+    assert big.preset.xcross.eval_every == 500  # already more often than once per epoch
+    asked = ctx(810)
+    _validate_every_epoch(asked, "Garden", ["xcross.eval_every=1000"])
+    assert asked.preset.xcross.eval_every == 500  # an explicit --set wins (the preset as built by get_preset)
