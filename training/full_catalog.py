@@ -284,10 +284,12 @@ ROWS = [("popularity", "popularity (recall alone)"), ("text", "text recall, exac
         ("text+xcross", "text top-200 + X-Cross rerank")]
 
 
-def _label(key: str) -> str:
+def _label(key: str, rerank_n: int = 200) -> str:
     for kind, name in (("+xcross", "X-Cross"), ("+lora", "own-domain LoRA")):
-        if key.endswith(kind) and key != f"text{kind}":
-            return f"{_label(key[: -len(kind)])}, top 200 + {name} rerank"
+        if key.endswith(kind):
+            base = key[: -len(kind)]
+            return (f"text top-{rerank_n} + {name} rerank" if base == "text"
+                    else f"{_label(base)}: its top {rerank_n} + {name} rerank")
     if key.startswith("id:"):
         return f"item-id recall, {key[3:]} (alone)"
     if key.startswith("blend:text+"):
@@ -313,7 +315,8 @@ def _section(r: dict, title: str) -> list[str]:
     parts = [title, "", "| stage | R@50 | R@100 | R@200 | Hit@10 | NDCG@10 |", "|---|---|---|---|---|---|"]
     for key in _order(m):
         x = m[key]
-        parts.append(f"| {_label(key)} | {x['recall@50']:.2f} | {x['recall@100']:.2f} | {x['recall@200']:.2f} | "
+        label = _label(key, r.get("rerank_n", 200))
+        parts.append(f"| {label} | {x['recall@50']:.2f} | {x['recall@100']:.2f} | {x['recall@200']:.2f} | "
                      f"{x['hit@10']:.2f} | {x['ndcg@10']:.2f} |")
     parts += ["", "| A vs B | Hit@10 diff | p | NDCG@10 diff | p | R@200 diff | p |", "|---|---|---|---|---|---|---|"]
     for name, t in r["paired_ttests"].items():
@@ -346,8 +349,9 @@ def markdown_section(results: Path = REPO / "results") -> str:
     parts = ["## Full catalog: recall + rerank (issue 20)", "",
              "The held-out dev target among the domain's **whole catalog** (history items excluded, no sampled "
              "negatives): Recall@N of each recall stage (text, the item-id model, their blend, popularity), and "
-             "Hit@10 / NDCG@10 (x100) of recall alone vs the text recall's top 200 reranked by the served X-Cross "
-             "and by the domain's own LoRA (a target the recall missed is a miss). Rank = items scoring >= the "
+             "Hit@10 / NDCG@10 (x100) of recall alone vs a recall stage's top N (each section says which: text, or "
+             "the served blend with `--rerank-recall blend`) reranked by the served X-Cross and by the domain's own "
+             "LoRA (a target the recall missed is a miss). Rank = items scoring >= the "
              "target. Produced by `python -m training full-catalog --domain <D> --users <N>` (module "
              "`training/full_catalog.py`; each section names its users and command; the recall-stage tables were "
              "run with `--rerankers ''`); p: two-sided paired t-test on per-user vectors.", ""]

@@ -103,17 +103,17 @@ def test_blend_rerank_file_renders_its_stage(tmp_path):
            "query_ms": 0.5, "exact_query_ms": 0.7, "build_s": 1.0}
     r = {"domain": "Toys", "catalog_items": 10457, "preset": "cpu", "commit": "abc", "torch_threads": 1, "ann": ann,
          "users": 100, "command": "python -m training full-catalog --domain Toys --rerank-recall blend",
-         "rerank_n": 200, "rerank_recall": "blend:text+sasrec", "paired_ttests": {},
+         "rerank_n": 100, "rerank_recall": "blend:text+sasrec", "paired_ttests": {},
          "metrics": {"text": row, "blend:text+sasrec": row, "blend:text+sasrec+lora": row,
                      "blend:text+sasrec+xcross": row},
          "rerankers": {"xcross": {"sha": "0123456789ab", "rerank_s": 10.0}}}
     (tmp_path / "full_catalog_rerank_blend-Toys.json").write_text(json.dumps(r))
     md = markdown_section(tmp_path)
-    assert "### Toys, blend:text+sasrec top 200 reranked (100 dev users, 10457 items)" in md
+    assert "### Toys, blend:text+sasrec top 100 reranked (100 dev users, 10457 items)" in md
     labels = [ln.split(" | ")[0] for ln in md.splitlines() if ln.startswith("| ") and "R@50" not in ln][:4]
     assert labels == ["| text recall, exact (alone)", "| blend: text + sasrec (RRF of the two top 200)",
-                      "| blend: text + sasrec (RRF of the two top 200), top 200 + own-domain LoRA rerank",
-                      "| blend: text + sasrec (RRF of the two top 200), top 200 + X-Cross rerank"]
+                      "| blend: text + sasrec (RRF of the two top 200): its top 100 + own-domain LoRA rerank",
+                      "| blend: text + sasrec (RRF of the two top 200): its top 100 + X-Cross rerank"]
 
 
 def test_served_variant_follows_the_validation_metric_of_its_preset():
