@@ -27,7 +27,7 @@ from service.catalog import Resolved
 from service.loading import load_engine
 from service.machine import cpu_model
 from service.settings import load_settings
-from service.text_recall import build_text_recall
+from service.text_recall import MODES, build_recall_stages, build_text_recall
 from training.data import load_domain
 from training.pipeline import git_commit
 
@@ -43,14 +43,16 @@ def main() -> None:
     ap.add_argument("--recall-n", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--index", default="exact", choices=["exact", "hnsw"])
+    ap.add_argument("--mode", default="auto", choices=MODES, help="XCROSS_RECALL_MODE (auto: what the service serves)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     settings = load_settings(redis_url=None, threads=args.threads, recall_n=0, warmup=False,  # recall: below
                              request_timeout_s=600)  # 200 candidates on one loaded thread can pass 30 s
     engine = load_engine(settings)
-    engine.recall = build_text_recall(engine.backbone, engine.catalogs, [args.domain], args.index,
-                                      load_settings().recall_cache)  # cached fp32 embeddings (training/full_catalog)
+    text = build_text_recall(engine.backbone, engine.catalogs, [args.domain], args.index,
+                             load_settings().recall_cache)  # cached fp32 embeddings (training/full_catalog)
+    engine.recall = build_recall_stages(text, settings.artifacts / "recall", args.mode)
     engine.recall_n = args.recall_n
     users = load_domain(args.domain).dev[: args.reps + 1]
     catalog = engine.catalogs[args.domain]
@@ -80,6 +82,8 @@ def main() -> None:
                                                       "candidates": [{"id": c} for c in recalled[i]]}),
             "recall_only": lambda i: engine.recall_candidates(
                 args.domain, [Resolved(catalog.titles[x], x) for x in users[i].history]),
+            "text_recall_only": lambda i: text[args.domain].candidates(
+                [Resolved(catalog.titles[x], x) for x in users[i].history], args.recall_n),
         }
         outputs: dict[str, list] = {}
         times = interleave(variants, reps=args.reps, outputs=outputs)
@@ -91,7 +95,8 @@ def main() -> None:
         "latency": {k: percentiles(v) for k, v in times.items()},
         "ratios": {"two_stage_over_given_30": round(ratio(times, "two_stage", "given_30"), 2),
                    f"two_stage_over_{given_n}": round(ratio(times, "two_stage", given_n), 3),
-                   "recall_share_of_two_stage": round(ratio(times, "recall_only", "two_stage"), 4)},
+                   "recall_share_of_two_stage": round(ratio(times, "recall_only", "two_stage"), 4),
+                   "recall_over_text_recall": round(ratio(times, "recall_only", "text_recall_only"), 2)},
         "backend": engine.runtime.describe(), "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
         "commit": git_commit(), "command": "python -m bench.recall_latency " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
