@@ -151,14 +151,7 @@ class FastLoraModel(nn.Module):
         if self.packed:
             pk = Packing.of(attention_mask)
             h = self.runner.embed(input_ids, attention_mask)  # (B, T, d), frozen
-            h = h.reshape(pk.B * pk.T, -1).index_select(0, pk.index)  # (N, d)
-            for i, block in enumerate(self.blocks):
-                if i < self.lowest:
-                    with torch.no_grad():  # no LoRA below: no autograd either
-                        h = block(h, pk)
-                else:
-                    h = block(h, pk)
-            return pool_packed(h, pk, self.pooling)
+            return self._pool_from(h.reshape(pk.B * pk.T, -1).index_select(0, pk.index), pk, 0)  # (N, d) in
         h = self.runner.embed(input_ids, attention_mask)
         ctx, first = self.runner.context(h, attention_mask), h
         for i in range(self.num_layers):
@@ -168,6 +161,32 @@ class FastLoraModel(nn.Module):
             else:
                 h = self.runner.layer(i, h, ctx, first)
         return pool_tokens(h, attention_mask, self.pooling)
+
+    def _pool_from(self, h: torch.Tensor, pk: Packing, start: int) -> torch.Tensor:
+        for i in range(start, self.num_layers):
+            if i < self.lowest:
+                with torch.no_grad():  # no LoRA below: no autograd either
+                    h = self.blocks[i](h, pk)
+            else:
+                h = self.blocks[i](h, pk)
+        return pool_packed(h, pk, self.pooling)
+
+    def frozen_prefix(self) -> int:
+        """How many lowest layers are the plain frozen base (their packed output can be cached: training/prefix.py)."""
+        return self.lowest if self.packed else 0
+
+    @torch.no_grad()
+    def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Packing]:
+        """The packed (N, d) activations after the `frozen_prefix()` base layers, and the packing."""
+        pk = Packing.of(attention_mask)
+        h = self.runner.embed(input_ids, attention_mask).reshape(pk.B * pk.T, -1).index_select(0, pk.index)
+        for i in range(self.frozen_prefix()):
+            h = self.blocks[i](h, pk)
+        return h, pk
+
+    def score_from_prefix(self, h: torch.Tensor, pk: Packing) -> torch.Tensor:
+        """Scores from `prefix()`'s activations: the same as the forward of one batch of at most `bucket` prompts."""
+        return self.head(self._pool_from(h, pk, self.frozen_prefix()))
 
     def lora_weights(self) -> LoraWeights:
         """The trained adapter, module paths as peft names them (encoder.layer.<i>...)."""
@@ -216,6 +235,15 @@ class _TrainableStreamwise(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return bucketed(self._form[0], input_ids, attention_mask, self.bucket)
+
+    def frozen_prefix(self) -> int:
+        return self._form[0].frozen_prefix()
+
+    def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return self._form[0].prefix(input_ids, attention_mask)
+
+    def score_from_prefix(self, h: torch.Tensor, pk) -> torch.Tensor:
+        return self._form[0].score_from_prefix(h, pk)
 
 
 def xcross_training_form(model: nn.Module, bf16: bool = False) -> nn.Module:

@@ -224,11 +224,34 @@ class StreamwiseXCross(nn.Module):
 
     def _forward_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The same on the real tokens only (BERT family): (N, d) activations, N = tokens without padding."""
-        n, pk = self.config.n_streams, Packing.of(attention_mask)
+        pk = Packing.of(attention_mask)
         h = self.runners[0].embed(input_ids, attention_mask)  # (B, T, d)
-        h = h.reshape(pk.B * pk.T, -1).index_select(0, pk.index).to(self.dtype or h.dtype)  # (N, d)
+        return self._from(h.reshape(pk.B * pk.T, -1).index_select(0, pk.index), pk, 0)  # (N, d) in
+
+    def frozen_prefix(self) -> int:
+        """How many lowest layers are the plain frozen base, run once for all streams (training/prefix.py caches
+        their packed output); 0 when not packed."""
+        return self.fold_at if len(self.packed) else 0
+
+    @torch.no_grad()
+    def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Packing]:
+        """The packed (N, d) activations after the `frozen_prefix()` shared base layers, and the packing."""
+        pk = Packing.of(attention_mask)
+        h = self.runners[0].embed(input_ids, attention_mask).reshape(pk.B * pk.T, -1).index_select(0, pk.index)
+        h = h.to(self.dtype or h.dtype)
+        for l in range(self.frozen_prefix()):
+            h = self.packed[0][l](h, pk)
+        return h, pk
+
+    def score_from_prefix(self, h: torch.Tensor, pk: Packing) -> torch.Tensor:
+        """Scores from `prefix()`'s activations (the same as `forward` on that batch)."""
+        return self._from(h, pk, self.frozen_prefix())
+
+    def _from(self, h: torch.Tensor, pk: Packing, start: int) -> torch.Tensor:
+        n = self.config.n_streams
+        h = h.to(self.dtype or h.dtype)
         hs: list[torch.Tensor] = []
-        for l in range(self.num_layers):
+        for l in range(start, self.num_layers):
             if l < self.fold_at:
                 h = self.packed[0][l](h, pk)
                 continue

@@ -10,7 +10,12 @@ REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
+    import tempfile
+
     import redis
+
+    # evaluation's frozen-prefix cache (training/prefix.py) in a throwaway directory, never the repository's runs/
+    os.environ.setdefault("XCROSS_PREFIX_CACHE", tempfile.mkdtemp(prefix="xcross-prefix-"))
 
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()

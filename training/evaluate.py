@@ -134,15 +134,19 @@ def evaluate_users(scorer: Scorer, source: PromptSource, users: Sequence[User], 
         to_device(scorer)
     if gca:
         track(scorer)
+    missing = [u.user for u in users if u.candidates is None]
+    if missing:
+        raise ValueError(f"user {missing[0]} has no candidates; evaluation needs dev.jsonl-style users")
+    cache = prefix_cache(scorer, source, users, bf16) if not gca else None
     per_user = []
     try:
-        for u in tqdm(users, desc=desc, disable=not progress, leave=False):
-            if u.candidates is None:
-                raise ValueError(f"user {u.user} has no candidates; evaluation needs dev.jsonl-style users")
-            ids, mask = source.batch(u, u.candidates)
+        for i, u in enumerate(tqdm(users, desc=desc, disable=not progress, leave=False)):
+            ids, mask = cache.batches[i] if cache else source.batch(u, u.candidates)
             with autocast(bf16):
-                scores = scorer(ids, mask).float().cpu().numpy()
+                scores = (cache.scores(i, ids, mask) if cache else scorer(ids, mask)).float().cpu().numpy()
             per_user.append({"user": u.user, "rank": rank_of_target(scores, u.candidates.index(u.target))})
+        if cache:
+            cache.close()
         out = {"metrics": metrics_from_ranks([p["rank"] for p in per_user]), "per_user": per_user}
         if gca:
             out["orthogonality"] = {layer: round(v, 5) for layer, v in orthogonality(scorer).items()}
@@ -150,6 +154,21 @@ def evaluate_users(scorer: Scorer, source: PromptSource, users: Sequence[User], 
     finally:
         if gca:
             track(scorer, on=False)
+
+
+def prefix_cache(scorer: Scorer, source: PromptBatches, users: Sequence[User], bf16: bool):
+    """The frozen-prefix cache for this evaluation (training/prefix.py), or None where it does not apply."""
+    from training.prefix import MAX_ROWS, PrefixCache, cache_dir, supports
+
+    directory = cache_dir()
+    if directory is None or not supports(scorer):
+        return None
+    batches = [source.batch(u, u.candidates) for u in users]
+    if any(ids.shape[0] > MAX_ROWS or ids.device.type != "cpu" for ids, _ in batches):
+        return None
+    cache = PrefixCache(directory, scorer, batches, bf16)
+    cache.batches = batches
+    return cache
 
 
 def per_user_vectors(result: dict) -> dict[str, dict[str, float]]:

@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import os
+import re
 import subprocess
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,11 +25,20 @@ import torch
 from model.backbone import Backbone, load_backbone
 from model.checkpoint import load_lora, load_model, lora_pooling, read_manifest, save_lora, save_xcross
 from model.fast_lora import FastLoraModel, xcross_training_form
+from model.inference import optimize_for_inference
 from model.lora import LoraConfig, LoraWeights
 from model.source import SourceLoraModel
 from model.xcross import Head, XCross, XCrossConfig
 from training.data import DOMAINS, Domain, load_domain, read_users, split_train_val
-from training.evaluate import PromptSource, device_info, embedding_floor, evaluate_users, load_result, save_result
+from training.evaluate import (
+    PromptSource,
+    device_info,
+    embedding_floor,
+    evaluate_users,
+    load_result,
+    save_result,
+    train_device,
+)
 from training.loop import dist_world, load_best, train
 from training.presets import DEVIATIONS, Preset, TrainConfig
 
@@ -186,9 +196,27 @@ def train_lora(ctx: Context, domain: str, resume: bool = False, out: Path | None
 # ----------------------------------------------------------------------------- zero-shot
 
 
+def evaluation_form(path: Path, bb: Backbone, search: list[Path] = ()) -> torch.nn.Module:
+    """A checkpoint as training evaluates it, so a saved model scores what its training run reported: a LoRA (or a
+    merged WeaveRec adapter) as the packed `FastLoraModel`, X-Cross models in the packed streamwise form; as built on
+    a GPU, for other integrators (GCA) and for other backbone families. Both packed forms can use the frozen-prefix
+    cache (training/prefix.py)."""
+    model, manifest = load_model(path, bb, search=search)
+    if train_device().type != "cpu" or bb.family != "bert":
+        return model
+    if manifest.get("kind") in ("lora", "weaverec"):
+        lora, head, _ = load_lora(path, bb, kinds=(manifest["kind"],))
+        lowest = min(lora.layer_index(m) for m in lora.modules)
+        targets = "|".join(re.escape(m) for m in lora.modules)
+        cfg = LoraConfig(r=lora.rank, dropout=0.0, targets=targets)
+        fast = FastLoraModel(bb, cfg, top_k=bb.num_layers - lowest, head=head, pooling=lora_pooling(manifest))
+        return fast.load_lora(lora).eval() if fast.packed else model
+    return optimize_for_inference(model, streamwise=True) if model.config.integrator == "xcross" else model
+
+
 def score_checkpoint(ctx: Context, path: Path, users: list, domain: str, bf16: bool, desc: str = "eval") -> dict:
     bb = ctx.backbone()
-    model, _ = load_model(path, bb, search=[ctx.paths.artifacts / "lora"])
+    model = evaluation_form(path, bb, search=[ctx.paths.artifacts / "lora"])
     source = ctx.source(domain, bb.tokenizer, ctx.preset.lora.max_len)
     return evaluate_users(model, source, users, bf16, ctx.progress, desc)
 
