@@ -241,6 +241,9 @@ def training_section(keys: dict[str, Any], training: dict[str, Any] | None) -> l
                  f"{med['xcross_built_step'] / med['xcross_built_forward']:.3g} | "
                  f"{80 / med['xcross_built_step']:.3g} |")
     L += ["", f"Fast path step vs peft path step: {_fmt(keys['train_fast_over_peft'])}x faster."]
+    if "train_math_attention_speedup" in keys:
+        L += [f"Training attention as matmuls vs the fused kernel: {_fmt(keys['train_math_attention_speedup'])}x "
+              "faster step."]
     for name, ops in (training.get("profile") or {}).items():
         L += ["", f"Top ops of a {name}-path step (self CPU time):", "", "| op | share |", "|---|---|"]
         L += [f"| `{o['op']}` | {100 * o['share']:.1f}% |" for o in ops]

@@ -9,6 +9,8 @@ Models timed side by side:
           real-token layers, the step's prompts in one forward
   peft    the first wave's path: peft LoRA on all 6 layers in train mode (dropout 0.1 on the base and the LoRA
           input), gradients accumulated user by user, each user's prompts padded to that user's longest
+  fast_step_sdpa  the fast step with the fused attention kernel where gradients flow (the default is the matmul
+          form, model/inference.py `attention`): `train_math_attention_speedup` = its time over the fast step's
   xcross  (full runs) X-Cross training over two fast-trained source LoRAs: the packed streamwise form with the
           integrators, w and the head trainable, vs the model as built (train mode, base dropout), same steps
 """
@@ -118,6 +120,21 @@ def xcross_pair(backbone_factory, lora_layers: int = 3, bf16: bool = True):
     return fast, built
 
 
+def _with_attention(step: Callable[[int], Any], kernel: str) -> Callable[[int], Any]:
+    """`step` with the training attention kernel set to `kernel` (model/inference.py `TRAIN_ATTENTION`)."""
+    from model import inference
+
+    def run_step(i: int) -> Any:
+        before = inference.TRAIN_ATTENTION["kernel"]
+        inference.TRAIN_ATTENTION["kernel"] = kernel
+        try:
+            return step(i)
+        finally:
+            inference.TRAIN_ATTENTION["kernel"] = before
+
+    return run_step
+
+
 def run(reps: int = 5, bf16: bool | None = None, with_xcross: bool = False, profile: bool = False,
         lora_layers: int = 3) -> tuple[dict[str, Any], dict[str, Any]]:
     from model.backbone import load_backbone, minilm_tokenizer
@@ -130,7 +147,8 @@ def run(reps: int = 5, bf16: bool | None = None, with_xcross: bool = False, prof
     steps = _steps(minilm_tokenizer(), reps)
     fast_step, fast_fwd = step_and_forward(fast, lambda i: [steps[i]["one"]], bf16)
     peft_step, peft_fwd = step_and_forward(peft, lambda i: steps[i]["per_user"], bf16)
-    variants = {"fast_step": fast_step, "fast_forward": fast_fwd, "peft_step": peft_step, "peft_forward": peft_fwd}
+    variants = {"fast_step": fast_step, "fast_forward": fast_fwd, "peft_step": peft_step, "peft_forward": peft_fwd,
+                "fast_step_sdpa": _with_attention(fast_step, "sdpa")}
     keys: dict[str, Any] = {}
     details: dict[str, Any] = {"cpu": machine["cpu"], "bf16": bf16, "lora_layers": lora_layers,
                                "threads": torch.get_num_threads(), "reps": reps}
@@ -138,6 +156,7 @@ def run(reps: int = 5, bf16: bool | None = None, with_xcross: bool = False, prof
         xf, xb = xcross_pair(lambda: load_backbone("minilm"), lora_layers, bf16)
         variants.update(zip(("xcross_step", "xcross_forward"),
                             step_and_forward(xf, lambda i: [steps[i]["one"]], bf16, lr=1e-3), strict=True))
+        variants["xcross_step_sdpa"] = _with_attention(variants["xcross_step"], "sdpa")
         variants.update(zip(("xcross_built_step", "xcross_built_forward"),
                             step_and_forward(xb, lambda i: steps[i]["per_user"], bf16, lr=1e-3), strict=True))
     times = interleave(variants, reps=reps, warmup=1)
@@ -148,10 +167,12 @@ def run(reps: int = 5, bf16: bool | None = None, with_xcross: bool = False, prof
     keys["train_step_over_forward_peft"] = ratio(times, "peft_step", "peft_forward")
     keys["train_prompts_per_s_peft"] = prompts / median(times["peft_step"])
     keys["train_fast_over_peft"] = ratio(times, "peft_step", "fast_step")
+    keys["train_math_attention_speedup"] = ratio(times, "fast_step_sdpa", "fast_step")  # fused kernel / matmul form
     if with_xcross:
         keys["xcross_train_step_over_forward"] = ratio(times, "xcross_step", "xcross_forward")
         keys["xcross_train_prompts_per_s"] = prompts / median(times["xcross_step"])
         keys["xcross_train_fast_over_built"] = ratio(times, "xcross_built_step", "xcross_step")
+        keys["xcross_train_math_attention_speedup"] = ratio(times, "xcross_step_sdpa", "xcross_step")
     details["median_s"] = {k: round(median(v), 4) for k, v in times.items()}
     details["tokens_per_step"] = tokens
     if profile:

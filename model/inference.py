@@ -132,6 +132,22 @@ def pool_packed(h: torch.Tensor, pk: Packing, pooling: str = "cls") -> torch.Ten
     return total / torch.bincount(pk.rows, minlength=pk.B).clamp_min(1).unsqueeze(1).float()
 
 
+TRAIN_ATTENTION = {"kernel": "math"}  # attention where gradients flow: "math" (default) or "sdpa"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v on (B, H, T, dh). Without gradients (evaluation, serving, frozen layers):
+    `scaled_dot_product_attention`. Where gradients flow (training), by default the same math as plain matmuls
+    with the softmax in fp32: on these CPUs the fused kernel's backward cost several times the matmul form's for
+    MiniLM's short prompts (docs/performance.md, "Training"); under bf16 autocast the forward then differs from
+    the fused kernel's by bf16 rounding of the logits (tested close, scores and gradients)."""
+    if TRAIN_ATTENTION["kernel"] == "math" and torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad):
+        logits = torch.matmul(q, k.transpose(-1, -2)).float().mul(scale).masked_fill(~mask, float("-inf"))
+        return torch.matmul(logits.softmax(-1).to(v.dtype), v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
 class PackedBertLayer(nn.Module):
     """A BERT layer on packed tokens (N, d), N = real tokens of the batch: the linear layers skip the padding,
     Q, K and V are one GEMM; only attention sees the padded (B, H, T, dh) layout. Same math as `BertLayer`."""
@@ -163,7 +179,7 @@ class PackedBertLayer(nn.Module):
         padded = qkv.new_empty(pk.B * pk.T, qkv.shape[-1])  # (B*T, 3*H*dh); padding rows zeroed (finite keys)
         padded.index_fill_(0, pk.pad, 0.0).index_copy_(0, pk.index, qkv)
         q, k, v = padded.view(pk.B, pk.T, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=pk.attn_mask, scale=self.scale)  # (B, H, T, dh)
+        ctx = attention(q, k, v, pk.attn_mask, self.scale)  # (B, H, T, dh)
         ctx = ctx.transpose(1, 2)[pk.rows, pk.cols].reshape(N, -1)  # (N, H*dh): real tokens only
         h = self.ln1(self.o(ctx) + x)
         return self.ln2(self.ffn_out(self.act(self.ffn_in(h))) + h)

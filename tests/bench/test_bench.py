@@ -24,7 +24,8 @@ KEYS = ["fast_vs_naive", "xcross_over_single", "xcross_over_single_shared3", "si
         "bf16_speedup", "bf16_hit1_diff", "ort_fp32_speedup", "ort_fp32_max_abs_diff", "ort_int8_speedup",
         "ort_int8_hit1_diff", "service_over_raw", "service_p50_over_raw", "cache_speedup", "flop_efficiency",
         "bf16_flop_efficiency", "cpu", "cpu_flags", "threads", "contended", "train_step_over_forward",
-        "train_prompts_per_s", "train_step_over_forward_peft", "train_fast_over_peft"]
+        "train_prompts_per_s", "train_step_over_forward_peft", "train_fast_over_peft",
+        "train_math_attention_speedup"]
 
 
 def test_interleave_runs_variants_in_turn_and_keeps_outputs():
