@@ -3,7 +3,6 @@ kernel; it computes the same attention (fp32: equal to rounding; bf16 autocast: 
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from model import inference
