@@ -8,6 +8,8 @@
 # while the machine stays warm, so a second call resumes), and snapshots what finished to $OUT every 20 s:
 #   gpu.part00, gpu.part01, ...  one .tgz in 15 MB parts: results/, logs/, artifacts/{lora,xcross,weaverec,gca}, runs/ states and
 #   models (not the low-data ones). Here: cat gpu.part* | tar xz, in a scratch folder, then copy what you want.
+# STAGE=wave2 trains into the staged roots (runs/wave2/artifacts, results/wave2, runs/wave2), resuming what the
+# CPU sessions committed there; fit the tree first with scripts/gpu_carry.sh slim wave2 (and restore after).
 # JOBFILE=path runs its lines (`python -m training` arguments) in parallel instead of `all`. The GPU machine has torch, transformers and peft but no network.
 set -u
 BUDGET=${1:-560}          # seconds for the pipeline; snapshots and exit follow
@@ -15,6 +17,9 @@ STAGES=${2:-lora,zero-shot,xcross,baselines,ablations,low-data,variants}
 JOBS=${JOBS:-8}
 PRESET=${PRESET:-cpu}
 OUT=${OUT:-/tmp/gpu-out}
+STAGE=${STAGE:-}
+ROOTS=""
+if [ -n "$STAGE" ]; then ROOTS="--artifacts runs/$STAGE/artifacts --results results/$STAGE --runs runs/$STAGE"; fi
 SRC=$PWD
 W=/tmp/w
 mkdir -p "$OUT"
@@ -49,9 +54,10 @@ python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 
 # the last parts stay behind, so the archive lists the small, important files first and the models last)
 snapshot() {
   (cd "$W" && rm -rf /tmp/snap && mkdir -p /tmp/snap \
-    && tar czf /tmp/snap/all.tgz results logs artifacts/lora artifacts/xcross $(ls -d artifacts/weaverec artifacts/gca 2>/dev/null) $(ls runs/*/state.json 2>/dev/null) \
-         $(ls runs/*/state.safetensors runs/*/best.safetensors 2>/dev/null | grep -v lowdata) \
-         $(ls -d runs/*/model 2>/dev/null | grep -v lowdata) \
+    && tar czf /tmp/snap/all.tgz results logs artifacts/lora artifacts/xcross $(ls -d artifacts/weaverec artifacts/gca 2>/dev/null) \
+         $(ls -d ${STAGE:+runs/$STAGE/artifacts} 2>/dev/null) $(ls runs/*/state.json runs/*/*/state.json 2>/dev/null) \
+         $(ls runs/*/state.safetensors runs/*/best.safetensors runs/*/*/state.safetensors 2>/dev/null | grep -v lowdata) \
+         $(ls -d runs/*/model runs/*/*/model 2>/dev/null | grep -v lowdata) \
     && split -b 15M -d /tmp/snap/all.tgz /tmp/snap/gpu.part && rm /tmp/snap/all.tgz \
     && rm -f "$OUT"/gpu.part* && mv /tmp/snap/gpu.part* "$OUT"/) >/dev/null 2>&1
   true
@@ -72,7 +78,7 @@ if [ -n "${JOBFILE:-}" ]; then  # one `python -m training ...` per line, all at 
   wait
   grep -l -i "error" logs/job-*.log 2>/dev/null | sed 's/^/failed: /'
 else
-  timeout -s INT "$LEFT" python3 -m training all --preset "$PRESET" --jobs "$JOBS" --threads 2 --stages "$STAGES"
+  timeout -s INT "$LEFT" python3 -m training all --preset "$PRESET" --jobs "$JOBS" --threads 2 --stages "$STAGES" $ROOTS
 fi
 echo "pipeline exit $? after $(( $(date +%s) - T0 ))s"
 kill $SNAP 2>/dev/null
