@@ -100,9 +100,24 @@ def _best_source(zs: dict, target: str) -> str:
                                                                         zs["val"][s][target]["mrr@10"]))
 
 
+def own_lora_targets(results: Path, preset: str, share: float = 0.7) -> list[str]:
+    """Issue 16's first target: each own-domain LoRA at `share` of the paper's own-domain LoRA Hit@1 or more."""
+    out = []
+    for d in DOMAINS:
+        goal = share * PAPER[f"{d}-LoRA"][d][0]
+        own = _load(results / f"lora-{d}-{preset}.json")
+        if own is None:
+            out.append(f"- {d} LoRA: not run (target Hit@1 {goal:.1f}).")
+            continue
+        hit, n = own["metrics"]["hit@1"], own["metrics"]["n_users"]
+        out.append(f"- {d} LoRA: Hit@1 {hit:.2f} on {n} dev users, target {goal:.1f} ({100 * share:.0f}% of the "
+                   f"paper's {PAPER[f'{d}-LoRA'][d][0]:.2f}): {'met' if hit >= goal else 'not met'}.")
+    return out
+
+
 def findings(results: Path, preset: str) -> list[str]:
     """The issue's checks, computed from the files (each says 'not run' while its inputs are missing)."""
-    out = []
+    out = own_lora_targets(results, preset)
     zs = _load(results / "zero_shot.json")
     if zs:
         doms = [d for d in DOMAINS if d in zs["dev"]]
@@ -135,6 +150,10 @@ def findings(results: Path, preset: str) -> list[str]:
             if name in wins and r["diff"] > 0:
                 wins[name] += 1
             parts.append(f"vs {label} {r['diff']:+.2f}, p = {r['p_value']:.3g}")
+        own = _load(results / f"lora-{t}-{preset}.json")
+        if own is not None:
+            r = paired_ttest(xc, own)
+            parts.append(f"vs the target's own LoRA {r['diff']:+.2f}, p = {r['p_value']:.3g}")
         out.append(f"- {t}: X-Cross " + ("; ".join(parts) if parts else "(no comparison run yet)") + ".")
     out.append(f"- X-Cross above Pooler+Scorer on {wins['pooler-scorer']} targets and above the mean of LoRAs on "
                f"{wins['mean']} (Hit@1; of the targets where both ran).")

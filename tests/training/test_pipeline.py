@@ -203,6 +203,10 @@ def test_report_writes_tables_with_paper_numbers(pipeline, tmp_path):
     assert "## Zero-shot transfer matrix" in text and f"{zs['dev']['Sports']['Tools']['hit@1']:.2f}" in text
     assert "diagonal-dominant" in text and "- Tools: X-Cross vs best zero-shot source" in text and "p = " in text
     assert "## Tools: all metrics" in text and "| -Layers (last layer only) |" in text
+    own = json.loads((root / "results" / "lora-Tools-smoke.json").read_text())["metrics"]
+    verdict = "met" if own["hit@1"] >= 0.7 * 18.74 else "not met"
+    assert f"- Tools LoRA: Hit@1 {own['hit@1']:.2f} on {own['n_users']} dev users, target 13.1" in text
+    assert f"paper's 18.74): {verdict}." in text and "vs the target's own LoRA" in text
     assert "## Low data: Tools" in text and "Smallest size above it" in text
     assert plot_curves(root / "results", tmp_path / "c.png").stat().st_size > 1000
 
