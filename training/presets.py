@@ -108,7 +108,8 @@ DEVIATIONS = {
         "no dropout: the frozen base runs in eval mode and the LoRA branch has no input dropout (peft's default 0.1; "
         "measured on validation users, docs/training.md)",
         "source LoRAs: two epochs of all train users, 10 prompts per training user (1 positive + 9 popularity "
-        "negatives; paper: 30); evaluation always uses 30",
+        "negatives; paper: 30, which learned slower per training prompt on validation users: docs/training.md); "
+        "evaluation always uses 30",
         "AdamW lr 2e-4, 8 users per step, 100 warm-up steps, linear decay, for the LoRAs",
         "X-Cross: up to three epochs of all target users, validated every 1,000 steps with early stopping (patience 2 "
         "evaluations), 8 users per step, AdamW lr 1e-3 (head 2e-4), 25 warm-up steps (paper: 40 epochs, lr 5e-5, "
