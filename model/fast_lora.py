@@ -175,6 +175,11 @@ class FastLoraModel(nn.Module):
         """How many lowest layers are the plain frozen base (their packed output can be cached: training/prefix.py)."""
         return self.lowest if self.packed else 0
 
+    def prefix_tensors(self) -> list[torch.Tensor]:
+        """Every tensor `prefix()` reads: the embeddings and the frozen lower layers (the cache keys on them)."""
+        layers = self.layers[: self.frozen_prefix()]
+        return [*self.runner.model.embeddings.parameters(), *(p for layer in layers for p in layer.parameters())]
+
     @torch.no_grad()
     def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Packing]:
         """The packed (N, d) activations after the `frozen_prefix()` base layers, and the packing."""

@@ -136,12 +136,12 @@ TRAIN_ATTENTION = {"kernel": "math"}  # attention where gradients flow: "math" (
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q k^T * scale, masked) v on (B, H, T, dh). Without gradients (evaluation, serving, frozen layers):
-    `scaled_dot_product_attention`. Where gradients flow (training), by default the same math as plain matmuls
-    with the softmax in fp32: on these CPUs the fused kernel's backward cost several times the matmul form's for
-    MiniLM's short prompts (docs/performance.md, "Training"); under bf16 autocast the forward then differs from
-    the fused kernel's by bf16 rounding of the logits (tested close, scores and gradients)."""
-    if TRAIN_ATTENTION["kernel"] == "math" and torch.is_grad_enabled() and (
+    """softmax(q k^T * scale, masked) v on (B, H, T, dh). On a GPU and without gradients (evaluation, serving,
+    frozen layers): `scaled_dot_product_attention`. Where gradients flow on the CPU (training), by default the same
+    math as plain matmuls with the softmax in fp32: on these CPUs the fused kernel's backward cost several times
+    the matmul form's for MiniLM's short prompts (docs/performance.md, "Training"); under bf16 autocast the
+    forward then differs from the fused kernel's by bf16 rounding of the logits (tested close)."""
+    if TRAIN_ATTENTION["kernel"] == "math" and q.device.type == "cpu" and torch.is_grad_enabled() and (
             q.requires_grad or k.requires_grad or v.requires_grad):
         logits = torch.matmul(q, k.transpose(-1, -2)).float().mul(scale).masked_fill(~mask, float("-inf"))
         return torch.matmul(logits.softmax(-1).to(v.dtype), v)
@@ -248,6 +248,11 @@ class StreamwiseXCross(nn.Module):
         """How many lowest layers are the plain frozen base, run once for all streams (training/prefix.py caches
         their packed output); 0 when not packed."""
         return self.fold_at if len(self.packed) else 0
+
+    def prefix_tensors(self) -> list[torch.Tensor]:
+        """Every tensor `prefix()` reads: the embeddings and the shared lower layers (the cache keys on them)."""
+        layers = self.streams[0][: self.frozen_prefix()]
+        return [*self.runners[0].model.embeddings.parameters(), *(p for layer in layers for p in layer.parameters())]
 
     @torch.no_grad()
     def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Packing]:

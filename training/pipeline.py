@@ -211,6 +211,8 @@ def evaluation_form(path: Path, bb: Backbone, search: list[Path] = ()) -> torch.
         cfg = LoraConfig(r=lora.rank, dropout=0.0, targets=targets)
         fast = FastLoraModel(bb, cfg, top_k=bb.num_layers - lowest, head=head, pooling=lora_pooling(manifest))
         return fast.load_lora(lora).eval() if fast.packed else model
+    if not manifest.get("hyperparameters", {}).get("fast_path", False):  # trained and validated as built (wave 1)
+        return model
     return optimize_for_inference(model, streamwise=True) if model.config.integrator == "xcross" else model
 
 

@@ -14,13 +14,16 @@ autocast, and every token of every prompt), so a change of data, prompt format o
 return stale activations; several processes may build the same shard (identical content, atomic rename).
 
 `XCROSS_PREFIX_CACHE`: unset = `<runs root>/prefix-cache`; `off` = disabled; else the directory.
-`XCROSS_PREFIX_CACHE_GB` (default 40): no new shard is written past this size (evaluation then computes as usual).
+`XCROSS_PREFIX_CACHE_GB` (default 40): no new shard is written past this size, nor when the disk has under 2 GB
+left (evaluation then computes as usual); a damaged or unreadable shard counts as a miss and is rewritten.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -63,15 +66,18 @@ def _frozen(scorer: object) -> torch.nn.Module:
 
 
 def signature(scorer: object, bf16: bool) -> str:
-    """What the prefix depends on besides the tokens: the base layers' weights as bf16 autocast sees them (a checksum
-    of layer 0's query weight rounded to bf16; in fp32 also its stored dtype), the depth, the activations' dtype and
-    autocast. Under bf16 autocast, weights stored in fp32 or in bf16 compute the same prefix (tested)."""
+    """What the prefix depends on besides the tokens: every tensor it reads (the embeddings and the first
+    `frozen_prefix()` layers, `prefix_tensors()`), as bf16 autocast sees them (rounded to bf16) or, in fp32, as
+    stored; the depth, the activations' dtype, autocast and this code's version. Under bf16 autocast, weights
+    stored in fp32 or in bf16 compute the same prefix (tested), so they share a cache."""
+    h = hashlib.sha256()
+    for t in _frozen(scorer).prefix_tensors():
+        t = t.detach()
+        t = t.to(torch.bfloat16).view(torch.int16) if bf16 else t.float()
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.cpu().contiguous().numpy().tobytes())
     m = _frozen(scorer)
-    w = next(t for n, t in m.named_parameters() if n.endswith("query.weight") and ".0." in f".{n}")
-    digest = hashlib.sha256(w.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()).hexdigest()
-    stored = "" if bf16 else f":{w.dtype}"
-    return (f"q0={digest[:16]}{stored}|depth={scorer.frozen_prefix()}|dtype={getattr(m, 'dtype', None)}"
-            f"|bf16={bf16}|v1")
+    return f"w={h.hexdigest()[:24]}|depth={scorer.frozen_prefix()}|dtype={getattr(m, 'dtype', None)}|bf16={bf16}|v2"
 
 
 class PrefixCache:
@@ -106,12 +112,21 @@ class PrefixCache:
             self._flush()
             self._shard = shard
             path = self._path(shard)
-            self._open = safe_open(str(path), "pt") if path.exists() else None
+            try:
+                self._open = safe_open(str(path), "pt") if path.exists() else None
+            except Exception:  # noqa: BLE001 - unreadable (truncated, foreign): recompute and rewrite it
+                self._drop_shard()
         from model.inference import Packing
 
         if self._open is not None:
-            self.hits += 1
-            return self.scorer.score_from_prefix(self._open.get_tensor(f"h{j}"), Packing.of(mask))
+            try:
+                h = self._open.get_tensor(f"h{j}")
+            except Exception:  # noqa: BLE001 - a damaged shard is a miss, never a failed evaluation
+                h = None
+            if h is not None and h.shape[0] == int(mask.sum()):
+                self.hits += 1
+                return self.scorer.score_from_prefix(h, Packing.of(mask))
+            self._drop_shard()
         self.misses += 1
         h, pk = self.scorer.prefix(ids, mask)
         self._pending[f"h{j}"] = h.detach().contiguous()
@@ -124,12 +139,25 @@ class PrefixCache:
             return
         if len(pending) != self.sizes[self._shard]:  # a user was skipped: never write a partial shard
             return
-        if _dir_bytes(self.dir) + sum(t.numel() * t.element_size() for t in pending.values()) > self.limit:
+        size = sum(t.numel() * t.element_size() for t in pending.values())
+        if _dir_bytes(self.dir) + size > self.limit or shutil.disk_usage(self.dir).free < 2 * size + 2e9:
             return
         path = self._path(self._shard)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        save_file(pending, str(tmp))
-        tmp.replace(path)
+        fd, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(pending, tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError:  # a full or read-only disk: evaluation goes on without the shard
+            Path(tmp).unlink(missing_ok=True)
+
+    def _drop_shard(self) -> None:
+        """Forget a damaged shard: this evaluation recomputes it and writes it again."""
+        self._open = None
+        self._pending = {}
+        self._path(self._shard).unlink(missing_ok=True)
 
     def close(self) -> None:
         self._flush()

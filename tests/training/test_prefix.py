@@ -119,3 +119,35 @@ def test_off_size_limit_and_unsupported_models(tools, cache, monkeypatch):
     assert not prefix.supports(_lora(bb, 1, top_k=0))  # every layer adapted: no frozen prefix
     assert not prefix.supports(_lora(tiny_backbone("deberta-v2", 3), 1))  # padded form: no packing
     assert not prefix.supports(lambda ids, mask: torch.zeros(len(ids)))
+
+
+def test_a_damaged_shard_is_a_miss_and_is_rewritten(tools, cache):
+    domain, source = tools
+    users = domain.dev[:3]
+    model = _lora(tiny_backbone("bert", 3), 1)
+    ref = evaluate_users(model, source, users, True, progress=False)
+    (shard,) = cache.glob("*.safetensors")
+    shard.write_bytes(b"not a safetensors file")
+    again = evaluate_users(model, source, users, True, progress=False)
+    assert [p["rank"] for p in again["per_user"]] == [p["rank"] for p in ref["per_user"]]
+    c = prefix.PrefixCache(cache, model, [source.batch(u, u.candidates) for u in users], True)
+    with torch.inference_mode(), autocast(True):
+        [c.scores(i, *source.batch(u, u.candidates)) for i, u in enumerate(users)]
+    assert c.hits == 3  # rewritten whole
+
+
+def test_the_key_covers_every_frozen_tensor_the_prefix_reads():
+    bb = tiny_backbone("bert", 3)
+    model = _lora(bb, 1)  # prefix: embeddings + layers 0-1
+    before = prefix.signature(model, True)
+    with torch.no_grad():
+        bb.layers[1].output.dense.weight.add_(1.0)  # a lower layer's FFN, not layer 0's query
+    assert prefix.signature(model, True) != before
+    changed = prefix.signature(model, True)
+    with torch.no_grad():
+        bb.model.embeddings.word_embeddings.weight.add_(1.0)
+    assert prefix.signature(model, True) != changed
+    top = prefix.signature(model, True)
+    with torch.no_grad():
+        bb.layers[2].output.dense.weight.add_(1.0)  # above the prefix: not part of it
+    assert prefix.signature(model, True) == top
