@@ -148,10 +148,8 @@ class FastLoraModel(nn.Module):
 
     def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The head's input, (B, d): the last layer at [CLS], or its masked token mean."""
-        if self.packed:
-            pk = Packing.of(attention_mask)
-            h = self.runner.embed(input_ids, attention_mask)  # (B, T, d), frozen
-            return self._pool_from(h.reshape(pk.B * pk.T, -1).index_select(0, pk.index), pk, 0)  # (N, d) in
+        if self.packed:  # the frozen lower layers under no_grad (`prefix`), then the adapted ones
+            return self._pool_from(*self.prefix(input_ids, attention_mask))
         h = self.runner.embed(input_ids, attention_mask)
         ctx, first = self.runner.context(h, attention_mask), h
         for i in range(self.num_layers):
@@ -162,13 +160,10 @@ class FastLoraModel(nn.Module):
                 h = self.runner.layer(i, h, ctx, first)
         return pool_tokens(h, attention_mask, self.pooling)
 
-    def _pool_from(self, h: torch.Tensor, pk: Packing, start: int) -> torch.Tensor:
-        for i in range(start, self.num_layers):
-            if i < self.lowest:
-                with torch.no_grad():  # no LoRA below: no autograd either
-                    h = self.blocks[i](h, pk)
-            else:
-                h = self.blocks[i](h, pk)
+    def _pool_from(self, h: torch.Tensor, pk: Packing) -> torch.Tensor:
+        """The adapted layers on `prefix()`'s packed activations, then the pooling."""
+        for block in self.blocks[self.frozen_prefix():]:
+            h = block(h, pk)
         return pool_packed(h, pk, self.pooling)
 
     def frozen_prefix(self) -> int:
@@ -180,18 +175,18 @@ class FastLoraModel(nn.Module):
         layers = self.layers[: self.frozen_prefix()]
         return [*self.runner.model.embeddings.parameters(), *(p for layer in layers for p in layer.parameters())]
 
-    @torch.no_grad()
+    @torch.no_grad()  # no LoRA below: no autograd either
     def prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, Packing]:
         """The packed (N, d) activations after the `frozen_prefix()` base layers, and the packing."""
         pk = Packing.of(attention_mask)
         h = self.runner.embed(input_ids, attention_mask).reshape(pk.B * pk.T, -1).index_select(0, pk.index)
-        for i in range(self.frozen_prefix()):
-            h = self.blocks[i](h, pk)
+        for block in self.blocks[: self.frozen_prefix()]:
+            h = block(h, pk)
         return h, pk
 
     def score_from_prefix(self, h: torch.Tensor, pk: Packing) -> torch.Tensor:
         """Scores from `prefix()`'s activations: the same as the forward of one batch of at most `bucket` prompts."""
-        return self.head(self._pool_from(h, pk, self.frozen_prefix()))
+        return self.head(self._pool_from(h, pk))
 
     def lora_weights(self) -> LoraWeights:
         """The trained adapter, module paths as peft names them (encoder.layer.<i>...)."""

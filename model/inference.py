@@ -240,9 +240,7 @@ class StreamwiseXCross(nn.Module):
 
     def _forward_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The same on the real tokens only (BERT family): (N, d) activations, N = tokens without padding."""
-        pk = Packing.of(attention_mask)
-        h = self.runners[0].embed(input_ids, attention_mask)  # (B, T, d)
-        return self._from(h.reshape(pk.B * pk.T, -1).index_select(0, pk.index), pk, 0)  # (N, d) in
+        return self.score_from_prefix(*self.prefix(input_ids, attention_mask))
 
     def frozen_prefix(self) -> int:
         """How many lowest layers are the plain frozen base, run once for all streams (training/prefix.py caches
@@ -265,17 +263,11 @@ class StreamwiseXCross(nn.Module):
         return h, pk
 
     def score_from_prefix(self, h: torch.Tensor, pk: Packing) -> torch.Tensor:
-        """Scores from `prefix()`'s activations (the same as `forward` on that batch)."""
-        return self._from(h, pk, self.frozen_prefix())
-
-    def _from(self, h: torch.Tensor, pk: Packing, start: int) -> torch.Tensor:
+        """Scores from `prefix()`'s activations (the same as `forward` on that batch): the streams from `fold_at`."""
         n = self.config.n_streams
         h = h.to(self.dtype or h.dtype)
         hs: list[torch.Tensor] = []
-        for l in range(start, self.num_layers):
-            if l < self.fold_at:
-                h = self.packed[0][l](h, pk)
-                continue
+        for l in range(self.fold_at, self.num_layers):
             hs = [self.packed[m][l](hs[m] if hs else h, pk) for m in range(n)]  # (eq. 3), (N, d) each
             if str(l) in self.integrators:
                 hs = list(self.integrators[str(l)](torch.stack(hs).unsqueeze(1)).squeeze(1).unbind(0))  # (eqs. 4-5)

@@ -143,7 +143,7 @@ def evaluate_users(scorer: Scorer, source: PromptSource, users: Sequence[User], 
         for i, u in enumerate(tqdm(users, desc=desc, disable=not progress, leave=False)):
             ids, mask = cache.batches[i] if cache else source.batch(u, u.candidates)
             with autocast(bf16):
-                scores = (cache.scores(i, ids, mask) if cache else scorer(ids, mask)).float().cpu().numpy()
+                scores = (cache.scores(i) if cache else scorer(ids, mask)).float().cpu().numpy()
             per_user.append({"user": u.user, "rank": rank_of_target(scores, u.candidates.index(u.target))})
         if cache:
             cache.close()
@@ -166,9 +166,7 @@ def prefix_cache(scorer: Scorer, source: PromptBatches, users: Sequence[User], b
     batches = [source.batch(u, u.candidates) for u in users]
     if any(ids.shape[0] > MAX_ROWS or ids.device.type != "cpu" for ids, _ in batches):
         return None
-    cache = PrefixCache(directory, scorer, batches, bf16)
-    cache.batches = batches
-    return cache
+    return PrefixCache(directory, scorer, batches, bf16)
 
 
 def per_user_vectors(result: dict) -> dict[str, dict[str, float]]:

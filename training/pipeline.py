@@ -201,16 +201,19 @@ def evaluation_form(path: Path, bb: Backbone, search: list[Path] = ()) -> torch.
     merged WeaveRec adapter) as the packed `FastLoraModel`, X-Cross models in the packed streamwise form; as built on
     a GPU, for other integrators (GCA) and for other backbone families. Both packed forms can use the frozen-prefix
     cache (training/prefix.py)."""
-    model, manifest = load_model(path, bb, search=search)
-    if train_device().type != "cpu" or bb.family != "bert":
-        return model
-    if manifest.get("kind") in ("lora", "weaverec"):
-        lora, head, _ = load_lora(path, bb, kinds=(manifest["kind"],))
+    cpu_bert = train_device().type == "cpu" and bb.family == "bert"
+    kind = read_manifest(path).get("kind")
+    if cpu_bert and kind in ("lora", "weaverec"):
+        lora, head, manifest = load_lora(path, bb, kinds=(kind,))
         lowest = min(lora.layer_index(m) for m in lora.modules)
         targets = "|".join(re.escape(m) for m in lora.modules)
         cfg = LoraConfig(r=lora.rank, dropout=0.0, targets=targets)
         fast = FastLoraModel(bb, cfg, top_k=bb.num_layers - lowest, head=head, pooling=lora_pooling(manifest))
-        return fast.load_lora(lora).eval() if fast.packed else model
+        if fast.packed:
+            return fast.load_lora(lora).eval()
+    model, manifest = load_model(path, bb, search=search)
+    if not cpu_bert or kind in ("lora", "weaverec"):
+        return model
     if not manifest.get("hyperparameters", {}).get("fast_path", False):  # trained and validated as built (wave 1)
         return model
     return optimize_for_inference(model, streamwise=True) if model.config.integrator == "xcross" else model

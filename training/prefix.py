@@ -31,6 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from model.inference import Packing
+
 ENV = "XCROSS_PREFIX_CACHE"
 GB_ENV = "XCROSS_PREFIX_CACHE_GB"
 SHARD = 50  # users per shard (~4 MB of fp32 activations per user of 30 MiniLM prompts)
@@ -70,22 +72,22 @@ def signature(scorer: object, bf16: bool) -> str:
     `frozen_prefix()` layers, `prefix_tensors()`), as bf16 autocast sees them (rounded to bf16) or, in fp32, as
     stored; the depth, the activations' dtype, autocast and this code's version. Under bf16 autocast, weights
     stored in fp32 or in bf16 compute the same prefix (tested), so they share a cache."""
+    m = _frozen(scorer)
     h = hashlib.sha256()
-    for t in _frozen(scorer).prefix_tensors():
+    for t in m.prefix_tensors():
         t = t.detach()
         t = t.to(torch.bfloat16).view(torch.int16) if bf16 else t.float()
         h.update(str(tuple(t.shape)).encode())
         h.update(t.cpu().contiguous().numpy().tobytes())
-    m = _frozen(scorer)
     return f"w={h.hexdigest()[:24]}|depth={scorer.frozen_prefix()}|dtype={getattr(m, 'dtype', None)}|bf16={bf16}|v2"
 
 
 class PrefixCache:
-    """The cached prefixes of one evaluation (a scorer on a list of users), shard by shard."""
+    """The cached prefixes of one evaluation (a scorer on its users' padded batches, `batches`), shard by shard."""
 
     def __init__(self, directory: Path, scorer: object, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
                  bf16: bool):
-        self.dir, self.scorer = directory, scorer
+        self.dir, self.scorer, self.batches = directory, scorer, batches
         self.dir.mkdir(parents=True, exist_ok=True)
         sig = signature(scorer, bf16).encode()
         self.keys: list[str] = []
@@ -105,8 +107,9 @@ class PrefixCache:
     def _path(self, shard: int) -> Path:
         return self.dir / f"{self.keys[shard]}.safetensors"
 
-    def scores(self, i: int, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def scores(self, i: int) -> torch.Tensor:
         """The scorer's scores of user `i`'s batch, from the cache when its shard is there."""
+        ids, mask = self.batches[i]
         shard, j = divmod(i, SHARD)
         if shard != self._shard:
             self._flush()
@@ -116,8 +119,6 @@ class PrefixCache:
                 self._open = safe_open(str(path), "pt") if path.exists() else None
             except Exception:  # noqa: BLE001 - unreadable (truncated, foreign): recompute and rewrite it
                 self._drop_shard()
-        from model.inference import Packing
-
         if self._open is not None:
             try:
                 h = self._open.get_tensor(f"h{j}")
