@@ -292,8 +292,9 @@ def all_cmd(preset: PresetOpt = "cpu",
     for env, root in (("XCROSS_RESULTS", results), ("XCROSS_ARTIFACTS", artifacts), ("XCROSS_RUNS", runs)):
         if root is not None:  # every job (a subprocess) writes and reads there
             os.environ[env] = str(root.resolve())
-    graph = plan(preset, Paths().results, doms(targets), picked, doms(ablation_targets),
-                 doms(low_data_targets), variant_targets=doms(variant_targets))
+    paths = Paths()
+    graph = plan(preset, paths.results, doms(targets), picked, doms(ablation_targets),
+                 doms(low_data_targets), variant_targets=doms(variant_targets), artifacts=paths.artifacts)
     if dry_run:
         for j in graph:
             mark = "done" if j.done and j.finished() else "todo"

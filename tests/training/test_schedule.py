@@ -38,10 +38,25 @@ def test_plan_covers_the_pipeline_in_priority_order(tmp_path):
     assert max(i for i, n in enumerate(names) if n.startswith("minus-")) < names.index("low-data-Tools")
     zs = next(j for j in jobs if j.name == "zero-shot")
     assert zs.needs == [f"zero-shot-{d}" for d in DOMAINS]
+    assert next(j for j in jobs if j.name == "zero-shot-Toys").needs == ["lora-Toys"]  # a row needs its LoRA only
     experts = next(j for j in jobs if j.name == "minus-experts-Tools")
     assert experts.args[experts.args.index("--beta") + 1] == "0"  # the paper's -Experts: beta = 0
     assert all("--preset" in j.args and j.args[j.args.index("--preset") + 1] == "cpu" for j in jobs)
     assert next(j for j in jobs if j.name == "lora-Tools").done == [tmp_path / "lora-Tools-cpu.json"]
+
+
+def test_plan_with_a_checkpoint_root_needs_the_checkpoint_too(tmp_path):
+    """A checkout that kept results/ but lost the ignored artifacts/ must re-export the LoRA, not skip it."""
+    results, artifacts = tmp_path / "results", tmp_path / "artifacts"
+    jobs = {j.name: j for j in plan("cpu", results, stages=("lora", "xcross"), artifacts=artifacts)}
+    results.mkdir()
+    (results / "lora-Toys-cpu.json").write_text("{}")
+    assert not jobs["lora-Toys"].finished()
+    (artifacts / "lora" / "Toys").mkdir(parents=True)
+    (artifacts / "lora" / "Toys" / "manifest.json").write_text("{}")
+    assert jobs["lora-Toys"].finished()
+    assert jobs["xcross-Tools"].done == [results / "xcross-Tools-cpu.json",
+                                         artifacts / "xcross" / "Tools" / "manifest.json"]
 
 
 def test_plan_runs_the_variants_after_their_x_cross(tmp_path):
