@@ -2,7 +2,8 @@
 
 Every job is one CLI command (`python -m training <command> ... --preset P --quiet`), "done" when its result file
 exists (and, for a LoRA or X-Cross job given the checkpoint root, its checkpoint's manifest: a checkout that kept
-results/ but not the ignored artifacts re-exports the checkpoint from its finished state), and started only when the jobs it needs are done. Long jobs are started with `--resume`, so running
+results/ but not the ignored artifacts re-exports the checkpoint from its finished state), and started only
+when the jobs it needs are done. Long jobs are started with `--resume`, so running
 `all` again after a kill (or in the next session) skips what finished and continues what did not. Each worker is
 a subprocess with its own thread count (on 2 cores: 2 workers x 1 thread beat 1 worker x 2 threads, and two
 2-thread processes thrash; docs/training.md). Logs go to logs/<job>.log.
@@ -63,7 +64,8 @@ def plan(preset: str, results: Path, targets: tuple[str, ...] = DOMAINS, stages:
     for d in DOMAINS:
         add("floor", f"floor-{d}", ["floor", "--domain", d], [r / f"floor-{d}.json"])
     for d in DOMAINS:
-        add("lora", f"lora-{d}", ["train-lora", "--domain", d, "--resume"], [r / f"lora-{d}-{preset}.json", *ckpt("lora", d)])
+        add("lora", f"lora-{d}", ["train-lora", "--domain", d, "--resume"],
+            [r / f"lora-{d}-{preset}.json", *ckpt("lora", d)])
     rows = [f"zero-shot-{s}" for s in DOMAINS]
     for s in DOMAINS:
         # a row is one source's LoRA on every target's users: it needs only that LoRA, so rows start while the
@@ -72,7 +74,8 @@ def plan(preset: str, results: Path, targets: tuple[str, ...] = DOMAINS, stages:
             [r / "zero_shot" / f"{s}-on-{t}.json" for t in DOMAINS], [f"lora-{s}"])
     add("zero-shot", "zero-shot", ["zero-shot"], [r / "zero_shot.json"], rows)
     for t in targets:
-        add("xcross", f"xcross-{t}", ["train-xcross", "--target", t, "--resume"], [r / f"xcross-{t}-{preset}.json", *ckpt("xcross", t)], ["zero-shot"])
+        add("xcross", f"xcross-{t}", ["train-xcross", "--target", t, "--resume"],
+            [r / f"xcross-{t}-{preset}.json", *ckpt("xcross", t)], ["zero-shot"])
     for t in targets:
         add("baselines", f"mean-{t}", ["mean-lora", "--target", t], [r / f"mean-{t}-{preset}.json"], ["zero-shot"])
         add("baselines", f"pooler-scorer-{t}",
