@@ -239,10 +239,9 @@ def zero_shot(ctx: Context, domains: tuple[str, ...] = DOMAINS, rows: tuple[str,
     for src in rows or domains:
         sha = read_manifest(ctx.paths.lora(src))["content_hash"]
         for tgt in domains:
-            path = ctx.paths.results / "zero_shot" / f"{src}-on-{tgt}.json"
-            cached = load_result(path) if path.exists() else {}
-            if (cached.get("preset") == ctx.preset.name and cached.get("lora_hash") == sha and "val" in cached
-                    and cached["metrics"].get("n_users") == len(ctx.dev(tgt, n))):  # same model, same users
+            path = _cell_path(ctx, src, tgt)
+            cached = _saved_cell(ctx, src, tgt)
+            if cached is not None:
                 dev.setdefault(src, {})[tgt], val.setdefault(src, {})[tgt] = cached["metrics"], cached["val"]
                 continue
             r_dev = score_checkpoint(ctx, ctx.paths.lora(src), ctx.dev(tgt, n), tgt, cfg.bf16, f"{src}->{tgt} dev")
@@ -253,21 +252,48 @@ def zero_shot(ctx: Context, domains: tuple[str, ...] = DOMAINS, rows: tuple[str,
                         val=r_val["metrics"])
     if rows is not None and set(rows) != set(domains):
         return {"dev": dev, "val": val, "sources": {}}
-    sources = {}
-    for tgt in domains:
-        ranked = sorted((s for s in domains if s != tgt),
-                        key=lambda s: (val[s][tgt]["hit@1"], val[s][tgt]["mrr@10"]), reverse=True)
-        sources[tgt] = ranked[:2]
+    sources = {tgt: _pick_sources({s: val[s][tgt] for s in domains if s != tgt}) for tgt in domains}
     out = {**ctx.meta(kind="zero-shot-matrix", users=n), "dev": dev, "val": val, "sources": sources}
     (ctx.paths.results / "zero_shot.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
 
 
-def chosen_sources(ctx: Context, target: str) -> list[str]:
+def _cell_path(ctx: Context, src: str, tgt: str) -> Path:
+    return ctx.paths.results / "zero_shot" / f"{src}-on-{tgt}.json"
+
+
+def _saved_cell(ctx: Context, src: str, tgt: str) -> dict | None:
+    """A saved zero-shot cell when it scored the current checkpoint of `src` (same preset) on today's dev users."""
+    path = _cell_path(ctx, src, tgt)
+    if not path.exists() or not (ctx.paths.lora(src) / "manifest.json").exists():
+        return None
+    cached = load_result(path)
+    sha = read_manifest(ctx.paths.lora(src))["content_hash"]
+    if (cached.get("preset") == ctx.preset.name and cached.get("lora_hash") == sha and "val" in cached
+            and cached["metrics"].get("n_users") == len(ctx.dev(tgt, ctx.preset.floor_users))):
+        return cached
+    return None
+
+
+def _pick_sources(val: dict[str, dict]) -> list[str]:
+    """The two sources of a target: the best zero-shot LoRAs on its validation users (Hit@1, then MRR@10)."""
+    return sorted(val, key=lambda s: (val[s]["hit@1"], val[s]["mrr@10"]), reverse=True)[:2]
+
+
+def chosen_sources(ctx: Context, target: str, domains: tuple[str, ...] = DOMAINS) -> list[str]:
+    """The sources zero_shot.json chose for `target`; before the whole matrix exists, the same choice from the
+    saved cells of every other domain's LoRA on `target` (so X-Cross on a target starts without waiting for its
+    own domain's LoRA, which no choice of its sources reads)."""
     path = ctx.paths.results / "zero_shot.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} missing: run `python -m training zero-shot` first or pass --sources")
-    return json.loads(path.read_text())["sources"][target]
+    if path.exists():
+        return json.loads(path.read_text())["sources"][target]
+    cells = {s: _saved_cell(ctx, s, target) for s in domains if s != target}
+    missing = [s for s, c in cells.items() if c is None]
+    if missing:
+        raise FileNotFoundError(f"{path} missing and no current zero-shot cell of {', '.join(missing)} on {target}: "
+                                f"run `python -m training zero-shot` (or `--rows {','.join(missing)}`) first, "
+                                "or pass --sources")
+    return _pick_sources({s: c["val"] for s, c in cells.items()})
 
 
 # ----------------------------------------------------------------------------- X-Cross and baselines

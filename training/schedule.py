@@ -73,18 +73,22 @@ def plan(preset: str, results: Path, targets: tuple[str, ...] = DOMAINS, stages:
         add("zero-shot", f"zero-shot-{s}", ["zero-shot", "--rows", s],
             [r / "zero_shot" / f"{s}-on-{t}.json" for t in DOMAINS], [f"lora-{s}"])
     add("zero-shot", "zero-shot", ["zero-shot"], [r / "zero_shot.json"], rows)
+
+    def other_rows(t: str) -> list[str]:  # a target's sources are chosen from the other domains' rows only
+        return [f"zero-shot-{s}" for s in DOMAINS if s != t]
+
     for t in targets:
         add("xcross", f"xcross-{t}", ["train-xcross", "--target", t, "--resume"],
-            [r / f"xcross-{t}-{preset}.json", *ckpt("xcross", t)], ["zero-shot"])
+            [r / f"xcross-{t}-{preset}.json", *ckpt("xcross", t)], other_rows(t))
     for t in targets:
-        add("baselines", f"mean-{t}", ["mean-lora", "--target", t], [r / f"mean-{t}-{preset}.json"], ["zero-shot"])
+        add("baselines", f"mean-{t}", ["mean-lora", "--target", t], [r / f"mean-{t}-{preset}.json"], other_rows(t))
         add("baselines", f"pooler-scorer-{t}",
             ["train-xcross", "--target", t, "--n-sources", "1", "--head-only", "--name", "pooler-scorer", "--resume"],
-            [r / f"pooler-scorer-{t}-{preset}.json"], ["zero-shot"])
+            [r / f"pooler-scorer-{t}-{preset}.json"], other_rows(t))
     for t in ablation_targets:
         for name, opts in ABLATIONS.items():
             add("ablations", f"{name}-{t}", ["train-xcross", "--target", t, *opts, "--name", name, "--resume"],
-                [r / f"{name}-{t}-{preset}.json"], ["zero-shot"])
+                [r / f"{name}-{t}-{preset}.json"], other_rows(t))
     for t in low_data_targets:
         add("low-data", f"low-data-{t}", ["low-data", "--target", t], [r / f"low_data-{t}.json"], ["zero-shot"])
     v = "variants-"  # issue 8 (training/variants.py); caps keep each hybrid / joint LoRA near 4,000-4,500 users

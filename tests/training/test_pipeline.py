@@ -95,6 +95,30 @@ def test_zero_shot_cells_on_other_users_are_evaluated_again(pipeline, monkeypatc
     assert len(calls) == 4 * len(DOMS)
 
 
+def test_sources_are_chosen_from_the_other_rows_before_the_matrix_exists(pipeline, tmp_path):
+    """X-Cross on a target may start once every other domain's row is saved: its own LoRA is not read."""
+    from training.pipeline import chosen_sources
+
+    ctx, root, _, zs, _ = pipeline
+    matrix = root / "results" / "zero_shot.json"
+    aside = tmp_path / "zero_shot.json"
+    matrix.rename(aside)
+    own = root / "results" / "zero_shot" / "Electronics-on-Electronics.json"
+    other = root / "results" / "zero_shot" / "Sports-on-Electronics.json"
+    try:
+        own.rename(tmp_path / own.name)  # the target's own row is not needed
+        assert chosen_sources(ctx, "Electronics", DOMS) == zs["sources"]["Electronics"]
+        other.rename(tmp_path / other.name)  # a source's cell is
+        with pytest.raises(FileNotFoundError, match="Sports on Electronics.*--rows Sports"):
+            chosen_sources(ctx, "Electronics", DOMS)
+    finally:
+        for f in (own, other):
+            if (tmp_path / f.name).exists():
+                (tmp_path / f.name).rename(f)
+        aside.rename(matrix)
+    assert chosen_sources(ctx, "Electronics", DOMS) == zs["sources"]["Electronics"]
+
+
 def test_xcross_checkpoint_references_its_sources(pipeline):
     _, root, _, zs, xc = pipeline
     m = read_manifest(root / "artifacts" / "xcross" / "Tools")

@@ -39,6 +39,10 @@ def test_plan_covers_the_pipeline_in_priority_order(tmp_path):
     zs = next(j for j in jobs if j.name == "zero-shot")
     assert zs.needs == [f"zero-shot-{d}" for d in DOMAINS]
     assert next(j for j in jobs if j.name == "zero-shot-Toys").needs == ["lora-Toys"]  # a row needs its LoRA only
+    # a target's X-Cross, baselines and ablations need the other domains' rows, not its own LoRA's
+    for name in ("xcross-Electronics", "mean-Electronics", "minus-layers-Electronics"):
+        assert next(j for j in jobs if j.name == name).needs == ["zero-shot-Tools", "zero-shot-Toys",
+                                                                  "zero-shot-Sports"]
     experts = next(j for j in jobs if j.name == "minus-experts-Tools")
     assert experts.args[experts.args.index("--beta") + 1] == "0"  # the paper's -Experts: beta = 0
     assert all("--preset" in j.args and j.args[j.args.index("--preset") + 1] == "cpu" for j in jobs)
