@@ -367,7 +367,7 @@ def compare_cmd(a: Path, b: Path) -> None:
     from training.pipeline import compare
 
     for metric, r in compare(a, b).items():
-        typer.echo(f"{metric:>7}: A {r['a']:.2f}  B {r['b']:.2f}  diff {r['diff']:+.2f}  p={r['p_value']:.4f}  "
+        typer.echo(f"{metric:>7}: A {r['a']:.2f}  B {r['b']:.2f}  diff {r['diff']:+.2f}  p={r['p_value']:.3g}  "
                    f"(n={r['n_users']})")
 
 

@@ -178,7 +178,7 @@ def test_evaluate_cli_prints_json_last_line(pipeline, tmp_path):
         text=True,
         check=True,
     )
-    assert "p=1.0000" in cmp.stdout
+    assert "p=1 " in cmp.stdout  # identical runs: no difference
 
 
 def test_cli_rejects_unknown_domain():
