@@ -221,6 +221,13 @@ def test_report_writes_tables_with_paper_numbers(pipeline, tmp_path):
     out = write_report(root / "results", tmp_path, preset="smoke")
     text = out.read_text()
     assert "| X-Cross |" in text and "20.11" in text  # the paper's Tools X-Cross Hit@1 beside ours
+    # the header names the results root it read and the users its numbers are on, from the files
+    assert f"report --preset smoke --results {root / 'results'}`" in text
+    import re
+
+    counts = re.search(r"on the dev users of each target \(([^)]*)\)", text).group(1)
+    assert counts.startswith("Tools ") and "Sports " in counts and "Toys" not in counts  # Toys was not trained
+    assert "6" in re.findall(r"Tools ([\d / ]+)", counts)[0].split(" / ")  # the 6 dev users of the smoke LoRA
     xc = json.loads((root / "results" / "xcross-Tools-smoke.json").read_text())["metrics"]["hit@1"]
     assert f"{xc:.2f}" in text and "not run" in text  # ours, and rows that have no file yet
     zs = json.loads((root / "results" / "zero_shot.json").read_text())
