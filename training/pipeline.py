@@ -231,7 +231,9 @@ def zero_shot(ctx: Context, domains: tuple[str, ...] = DOMAINS, rows: tuple[str,
 
     Each (source, target) cell is saved to results/zero_shot/<S>-on-<T>.json as soon as it is evaluated and reused
     by later calls (same preset and LoRA checkpoint), so the matrix resumes after a kill and `rows` lets several
-    workers split it; the matrix and the choice of sources are written once every row is there.
+    workers split it; the matrix and the choice of sources are written once every row is there. A diagonal cell (a
+    LoRA on its own domain) is taken from the LoRA's run when its files describe the checkpoint there (dev: the same
+    evaluation; validation: the kept checkpoint's point of the curve) instead of being scored again.
     """
     n = ctx.preset.floor_users
     cfg = ctx.preset.lora
@@ -244,18 +246,45 @@ def zero_shot(ctx: Context, domains: tuple[str, ...] = DOMAINS, rows: tuple[str,
             if cached is not None:
                 dev.setdefault(src, {})[tgt], val.setdefault(src, {})[tgt] = cached["metrics"], cached["val"]
                 continue
-            r_dev = score_checkpoint(ctx, ctx.paths.lora(src), ctx.dev(tgt, n), tgt, cfg.bf16, f"{src}->{tgt} dev")
-            r_val = score_checkpoint(ctx, ctx.paths.lora(src), ctx.split(tgt, cfg)[1][:n], tgt, cfg.bf16,
-                                     f"{src}->{tgt} val")
+            own = _own_domain_cell(ctx, src) if src == tgt else None
+            if own is not None:
+                r_dev = {k: own[0][k] for k in ("metrics", "per_user")}
+                r_val, how = {"metrics": own[1]}, {"from_run": True}
+            else:
+                r_dev = score_checkpoint(ctx, ctx.paths.lora(src), ctx.dev(tgt, n), tgt, cfg.bf16,
+                                         f"{src}->{tgt} dev")
+                r_val = score_checkpoint(ctx, ctx.paths.lora(src), ctx.split(tgt, cfg)[1][:n], tgt, cfg.bf16,
+                                         f"{src}->{tgt} val")
+                how = {}
             dev.setdefault(src, {})[tgt], val.setdefault(src, {})[tgt] = r_dev["metrics"], r_val["metrics"]
             save_result(path, r_dev, **ctx.meta(kind="lora-zero-shot", source=src, target=tgt, lora_hash=sha),
-                        val=r_val["metrics"])
+                        val=r_val["metrics"], **how)
     if rows is not None and set(rows) != set(domains):
         return {"dev": dev, "val": val, "sources": {}}
     sources = {tgt: _pick_sources({s: val[s][tgt] for s in domains if s != tgt}) for tgt in domains}
     out = {**ctx.meta(kind="zero-shot-matrix", users=n), "dev": dev, "val": val, "sources": sources}
     (ctx.paths.results / "zero_shot.json").write_text(json.dumps(out, indent=1) + "\n")
     return out
+
+
+def _own_domain_cell(ctx: Context, domain: str) -> tuple[dict, dict] | None:
+    """The diagonal cell of the matrix from the LoRA's own run, so it is not scored again: its dev evaluation (the
+    exported checkpoint, on the same dev users) and its best validation point (the checkpoint kept, on the same
+    validation users). None when the run's files do not describe the checkpoint there now."""
+    name = f"lora-{domain}-{ctx.preset.name}"
+    res_path, state_path = ctx.paths.results / f"{name}.json", ctx.paths.runs / name / "state.json"
+    if not (res_path.exists() and state_path.exists()):
+        return None
+    res, state = load_result(res_path), json.loads(state_path.read_text())
+    exported = read_manifest(ctx.paths.lora(domain)).get("metrics", {}).get("dev")
+    if (res.get("model") != str(ctx.paths.lora(domain)) or exported != res["metrics"] or "per_user" not in res
+            or res["metrics"]["n_users"] != len(ctx.dev(domain, ctx.preset.floor_users))):
+        return None
+    best = next((p for p in state.get("curve", []) if p["step"] == state.get("best_step")), None)
+    if best is None:
+        return None
+    val = {k: best[k] for k in ("hit@1", "hit@3", "hit@10", "mrr@10")}
+    return res, {**val, "n_users": len(ctx.split(domain, ctx.preset.lora)[1])}
 
 
 def _cell_path(ctx: Context, src: str, tgt: str) -> Path:

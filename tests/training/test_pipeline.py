@@ -72,6 +72,41 @@ def test_zero_shot_reuses_saved_cells_and_splits_by_row(pipeline, monkeypatch):
     assert set(part["dev"]) == {"Sports"} and part["sources"] == {}
 
 
+def test_zero_shot_diagonal_comes_from_the_loras_own_run(pipeline, monkeypatch, tmp_path):
+    """A LoRA on its own domain is not scored again when its run evaluated that checkpoint on the same users (smoke
+    scores the matrix on 4 dev users and the LoRAs on 6: here the matrix is asked for 6)."""
+    import dataclasses
+    import shutil
+
+    import training.pipeline as tp
+
+    ctx, root, *_ = pipeline
+    assert "from_run" not in json.loads((root / "results" / "zero_shot" / "Tools-on-Tools.json").read_text())
+    results = tmp_path / "results"
+    shutil.copytree(root / "results", results)
+    six = dataclasses.replace(ctx, preset=dataclasses.replace(ctx.preset, floor_users=6),
+                              paths=dataclasses.replace(ctx.paths, results=results))
+    calls = []
+    real = tp.score_checkpoint
+    monkeypatch.setattr(tp, "score_checkpoint", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    zero_shot(six, DOMS, rows=("Tools",))
+    assert calls == ["Sports", "Sports", "Electronics", "Electronics"]  # dev + validation, off the diagonal only
+    own = json.loads((results / "lora-Tools-smoke.json").read_text())
+    cell = json.loads((results / "zero_shot" / "Tools-on-Tools.json").read_text())
+    assert cell["from_run"] and cell["metrics"] == own["metrics"] and cell["per_user"] == own["per_user"]
+    state = json.loads((root / "runs" / "lora-Tools-smoke" / "state.json").read_text())
+    best = next(p for p in state["curve"] if p["step"] == state["best_step"])
+    assert cell["val"]["mrr@10"] == best["mrr@10"]
+
+    (results / "zero_shot" / "Tools-on-Tools.json").unlink()
+    stale = {**own, "metrics": {**own["metrics"], "hit@1": own["metrics"]["hit@1"] + 1}}
+    (results / "lora-Tools-smoke.json").write_text(json.dumps(stale))  # no longer the exported checkpoint's
+    calls.clear()
+    zero_shot(six, DOMS, rows=("Tools",))
+    assert calls == ["Tools", "Tools"]  # scored: the run's file does not describe the checkpoint
+    assert "from_run" not in json.loads((results / "zero_shot" / "Tools-on-Tools.json").read_text())
+
+
 def test_zero_shot_cells_on_other_users_are_evaluated_again(pipeline, monkeypatch):
     """A cell saved for another number of dev users (e.g. the first 1,000 before every dev user) is not reused."""
     import dataclasses
