@@ -165,6 +165,13 @@ def train(model: nn.Module, source: PromptBatches, users: list[User], popularity
     if resume and (run_dir / "state.json").exists():
         state = load_state(run_dir, model, opt)
         log(f"resumed {run_dir} at step {state.step}")
+        if state.best_step >= 0 and not (run_dir / "best.safetensors").exists():
+            # the kept weights were lost (e.g. a checkout with the state committed but not best.safetensors): say so
+            # and keep the best of the evaluations from here on, or the final weights, never a silent mislabel
+            log(f"WARNING: {run_dir / 'best.safetensors'} (the weights of step {state.best_step}, validation "
+                f"MRR@10 {state.best:.2f}) is missing; the run keeps the best of its evaluations from step "
+                f"{state.step} on (commit best.safetensors with the state to avoid this)")
+            state.best, state.best_step, state.evals_since_best = -1.0, -1, 0
     plan = schedule(users, cfg, seed)
     total = math.ceil(len(plan) / cfg.users_per_step)
     cycle = math.ceil(len(users) / cfg.users_per_step) if cfg.lr_restarts else None
@@ -211,8 +218,10 @@ def train(model: nn.Module, source: PromptBatches, users: list[User], popularity
     state.finished = state.step >= total or stop
     if rank == 0:
         save_state(run_dir, model, opt, state)
-        if not (run_dir / "best.safetensors").exists():
+        if not (run_dir / "best.safetensors").exists():  # no evaluation kept one: the final weights are the model
             _save_atomic(trainable(model), run_dir / "best.safetensors")
+            state.best_step = state.step
+            save_state(run_dir, model, opt, state)
     return state
 
 

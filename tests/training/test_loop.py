@@ -68,6 +68,24 @@ def test_best_checkpoint_is_written_and_loadable(tools, tmp_path):
     assert set(saved) == set(trainable(fresh))
 
 
+def test_resume_without_the_best_weights_says_so_and_keeps_a_model_it_evaluated(tools, tmp_path):
+    """A checkout with the state but not best.safetensors: the lost step is not claimed, a later one is kept."""
+    cfg = replace(CFG, eval_every=2)
+    _run(tools, tmp_path / "r", cfg=cfg, max_steps=2)  # evaluated at step 2: best = step 2
+    (tmp_path / "r" / "best.safetensors").unlink()
+    logs = []
+    model, state = _run(tools, tmp_path / "r", cfg=cfg, resume=True, log=logs.append)
+    assert any("WARNING" in m and "weights of step 2" in m for m in logs)
+    assert state.finished and state.best_step == 4  # the only evaluation after the resume
+    saved = load_file(tmp_path / "r" / "best.safetensors")
+    for k, p in trainable(model).items():
+        torch.testing.assert_close(saved[k], p.detach(), msg=k)  # step 4's weights = the final ones
+    # a finished run resumed without its best weights keeps the final ones, labelled as such
+    (tmp_path / "r" / "best.safetensors").unlink()
+    _, again = _run(tools, tmp_path / "r", cfg=cfg, resume=True, log=logs.append)
+    assert again.best_step == again.step == 4 and (tmp_path / "r" / "best.safetensors").exists()
+
+
 def test_overfits_a_single_user(tools, tmp_path):
     """Plumbing check: one user repeated, loss goes well below ln(k)."""
     dom, users, _ = tools
