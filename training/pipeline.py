@@ -152,7 +152,26 @@ def _train_then_evaluate(ctx: Context, model, source: PromptSource, users: list,
         return state, None
     load_best(model, run_dir)
     model.eval()
-    return state, evaluate_users(model, source, ctx.dev(domain, cfg.dev_users), cfg.bf16, ctx.progress, "dev")
+    dev = ctx.dev(domain, cfg.dev_users)
+    return state, _saved_dev(ctx, run_dir, state, dev) or evaluate_users(
+        model, source, dev, cfg.bf16, ctx.progress, "dev")
+
+
+def _saved_dev(ctx: Context, run_dir: Path, state, dev: list) -> dict | None:
+    """The dev evaluation a finished run already saved, when it is of the same kept weights (same best step, same
+    wall time) on the same users: a restart that lost only the checkpoint (an ignored artifacts/ folder) re-exports
+    it from best.safetensors instead of scoring every dev user again."""
+    path = ctx.paths.results / f"{run_dir.name}.json"
+    if not path.exists():
+        return None
+    res = load_result(path)
+    same = (res.get("best_step") == state.best_step and res.get("wall_s") == round(state.wall_s, 1)
+            and [p["user"] for p in res.get("per_user", [])] == [u.user for u in dev])
+    if not same:
+        return None
+    log.info(f"{run_dir.name}: finished earlier; reusing its dev evaluation from {path} (same best step "
+             f"{state.best_step})")
+    return {"metrics": res["metrics"], "per_user": res["per_user"]}
 
 
 def source_model(bb: Backbone, cfg: TrainConfig) -> tuple[torch.nn.Module, LoraConfig]:

@@ -288,3 +288,37 @@ def test_roots_follow_the_environment_that_all_sets_for_its_jobs(monkeypatch, tm
     p = Paths()
     assert p.artifacts == (tmp_path / "stage").resolve() and p.results == (tmp_path / "res").resolve()
     assert p.lora("Tools") == (tmp_path / "stage" / "lora" / "Tools").resolve() and p.runs == REPO / "runs"
+
+
+def test_a_finished_lora_whose_checkpoint_was_lost_is_exported_again_without_rescoring_dev(pipeline, monkeypatch,
+                                                                                          tmp_path):
+    """The run's state, best.safetensors and results file were committed but the (ignored) artifacts/ folder was
+    not: the restart writes the same checkpoint from best.safetensors and reuses the saved dev evaluation."""
+    import dataclasses
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import training.pipeline as tp
+
+    ctx, root, *_ = pipeline
+    paths = Paths(artifacts=tmp_path / "artifacts", results=tmp_path / "results", runs=tmp_path / "runs")
+    shutil.copytree(root / "results", paths.results)
+    shutil.copytree(root / "runs" / "lora-Tools-smoke", paths.runs / "lora-Tools-smoke")
+    again = dataclasses.replace(ctx, paths=paths)
+    calls = []
+    real = tp.evaluate_users
+    monkeypatch.setattr(tp, "evaluate_users", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    out = train_lora(again, "Tools", resume=True)
+    assert calls == [] and out["finished"]
+    before, after = (load_file(p / "lora" / "Tools" / "tensors.safetensors") for p in (root / "artifacts",
+                                                                                       paths.artifacts))
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
+    assert read_manifest(paths.artifacts / "lora" / "Tools")["metrics"] == read_manifest(
+        root / "artifacts" / "lora" / "Tools")["metrics"]
+
+    res = json.loads((paths.results / "lora-Tools-smoke.json").read_text())
+    (paths.results / "lora-Tools-smoke.json").write_text(json.dumps({**res, "best_step": res["best_step"] + 1}))
+    shutil.rmtree(paths.artifacts)
+    train_lora(again, "Tools", resume=True)  # the saved file is of other weights: dev is scored again
+    assert calls == [6]
