@@ -4,7 +4,7 @@
     python -m training train-lora --domain Tools --preset cpu     # a source LoRA + head -> artifacts/lora/Tools
     python -m training zero-shot --preset cpu                     # 4x4 transfer matrix; picks each target's sources
     python -m training train-xcross --target Tools --preset cpu   # X-Cross -> artifacts/xcross/Tools
-    python -m training train-xcross --target Tools --top-k 1 --name minus-layers       # ablation -Layers
+    python -m training train-xcross --target Tools --top-k 0 --name minus-layers       # ablation -Layers
     python -m training train-xcross --target Tools --gamma 0 --name minus-interactions # ablation -Interactions
     python -m training train-xcross --target Tools --beta 0 --name minus-experts        # ablation -Experts
     python -m training train-xcross --target Tools --n-sources 1 --head-only --name pooler-scorer
@@ -158,9 +158,9 @@ def zero_shot_cmd(preset: PresetOpt = "cpu", quiet: QuietOpt = False,
 def train_xcross_cmd(target: Annotated[str, typer.Option(callback=_domain)], preset: PresetOpt = "cpu",
                      sources: Annotated[str | None, typer.Option(help="comma-separated; default: zero-shot choice")]
                      = None,
-                     n_sources: Annotated[int, typer.Option(help="use the first N chosen sources (1 = -Experts)")]
+                     n_sources: Annotated[int, typer.Option(help="first N chosen sources (1: Pooler+Scorer)")]
                      = 2,
-                     top_k: Annotated[int | None, typer.Option(help="integrated top layers (1 = -Layers)")] = None,
+                     top_k: Annotated[int | None, typer.Option(help="integrated top layers (0 = -Layers)")] = None,
                      gamma: Annotated[float | None, typer.Option(help="interaction strength (0 = -Interactions)")]
                      = None,
                      beta: Annotated[float | None, typer.Option(help="direct-influence strength (0 = -Experts)")]

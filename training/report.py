@@ -62,7 +62,7 @@ def _rows(results: Path, preset: str) -> list[tuple[str, str, callable]]:
         ("Pooler+Scorer (best source's head)", "Pooler+Scorer", lambda d: results / f"pooler-scorer-{d}-{preset}.json"),
         ("mean of source LoRAs", "", lambda d: results / f"mean-{d}-{preset}.json"),
         ("X-Cross", "X-Cross", lambda d: results / f"xcross-{d}-{preset}.json"),
-        ("-Layers (last layer only)", "-Layers", lambda d: results / f"minus-layers-{d}-{preset}.json"),
+        ("-Layers (beta = gamma = 0)", "-Layers", lambda d: results / f"minus-layers-{d}-{preset}.json"),
         ("-Interactions (gamma=0)", "-Interactions", lambda d: results / f"minus-interactions-{d}-{preset}.json"),
         ("-Experts (beta = 0)", "-Experts", lambda d: results / f"minus-experts-{d}-{preset}.json"),
     ]

@@ -26,7 +26,9 @@ from training.data import DOMAINS
 STAGES = ("floor", "lora", "zero-shot", "xcross", "baselines", "ablations", "low-data", "variants", "report")
 GCA_OPTIONS = [(act, ln) for act in ("sigmoid", "tanh") for ln in ("ln", "noln")]
 ABLATIONS = {  # paper Table 4, as train-xcross options
-    "minus-layers": ["--top-k", "1"],
+    # the paper's text (sec. 4.5): beta = gamma = 0, the streams combined only at the final stage (eq. 6); the same
+    # function as integrating no layer, which skips the integrators' work (tests/model/test_xcross.py)
+    "minus-layers": ["--top-k", "0"],
     "minus-interactions": ["--gamma", "0"],
     "minus-experts": ["--beta", "0"],  # the paper's definition (sec. 4.4): beta = 0, gamma = 0.4, both streams
 }

@@ -139,9 +139,9 @@ def test_ablation_options():
         for integ in m.integrators.values():
             integ.W_concat.weight[2:].normal_()
         torch.testing.assert_close(m(ids, mask), before)
-    # -Layers: K = 1 integrates at the last layer only
+    # K = 1 integrates at the last layer only
     assert list(XCross(bb, loras, XCrossConfig(top_k=1)).integrators) == ["1"]
-    # -Experts: one stream, nothing to integrate
+    # one stream (the Pooler+Scorer baseline): nothing to integrate
     one = XCross(bb, loras[:1], XCrossConfig(n_streams=1, top_k=0))
     assert len(one.integrators) == 0 and one(ids, mask).shape == (3,)
     with pytest.raises(ValueError, match="top_k"):
@@ -231,3 +231,23 @@ def test_parameter_accounting_matches_real_models():
     minilm, deberta = report(384, 6), report(768, 12, top_k=9)
     assert minilm["xcross_over_lora"] == pytest.approx(1 / 16, rel=1e-3)  # 4 adapted matrices per layer
     assert deberta["paper_footnote_ratio"] == pytest.approx(0.25)  # the paper's 25% (its footnote 3)
+
+
+def test_minus_layers_ablation_is_integration_switched_off():
+    """The paper's -Layers (sec. 4.5: beta = gamma = 0, streams combined only at the final stage, eq. 6) is the same
+    function as integrating no layer (top_k = 0), which is how the ablation is trained (training/schedule.py)."""
+    bb = tiny_backbone("bert")
+    loras = [random_lora(bb, s) for s in range(2)]
+    switched_off = XCross(bb, loras, XCrossConfig(top_k=2, beta=0.0, gamma=0.0)).eval()
+    randomize_trainables(switched_off)
+    none = XCross(bb, loras, XCrossConfig(top_k=0)).eval()
+    missing, _ = none.load_state_dict({k: v for k, v in switched_off.state_dict().items()
+                                       if k in none.state_dict()}, strict=False)
+    assert not [k for k in missing if k in dict(none.named_parameters()) and none.get_parameter(k).requires_grad]
+    assert not list(none.integrators) and len(list(switched_off.integrators)) == 2
+    ids, mask = batch(bb)
+    with torch.no_grad():
+        torch.testing.assert_close(none(ids, mask), switched_off(ids, mask), atol=1e-5, rtol=0)
+        full = XCross(bb, loras, XCrossConfig(top_k=2)).eval()
+        full.load_state_dict(switched_off.state_dict())
+        assert not torch.allclose(full(ids, mask), none(ids, mask), atol=1e-4)  # with beta, gamma on, it differs
