@@ -268,7 +268,8 @@ def write_report(results: Path, docs: Path, preset: str = "cpu") -> Path:
     ]
     parts += ["## Findings", "", *findings(results, preset), ""]
     if zs:
-        parts += ["## Zero-shot transfer matrix", "", f"Dev Hit@1 on the first {zs.get('users', '')} dev users; "
+        users = f"the first {zs['users']}" if zs.get("users") else "all"
+        parts += ["## Zero-shot transfer matrix", "", f"Dev Hit@1 on {users} dev users; "
                   "bold: the best LoRA on each domain.", "", zero_shot_table(zs), ""]
         parts += ["## Source choice", "", "Best two zero-shot sources on the target's validation users (not dev):", ""]
         parts += [f"- {t}: {' + '.join(s)}" for t, s in zs["sources"].items()] + [""]

@@ -267,6 +267,15 @@ def test_report_writes_tables_with_paper_numbers(pipeline, tmp_path):
     assert f"{xc:.2f}" in text and "not run" in text  # ours, and rows that have no file yet
     zs = json.loads((root / "results" / "zero_shot.json").read_text())
     assert "## Zero-shot transfer matrix" in text and f"{zs['dev']['Sports']['Tools']['hit@1']:.2f}" in text
+    assert f"Dev Hit@1 on the first {zs['users']} dev users;" in text  # smoke: a prefix of dev (cpu: all of it)
+    matrix = root / "results" / "zero_shot.json"
+    kept = matrix.read_text()
+    try:  # a matrix on all dev users (the cpu preset's) says so
+        matrix.write_text(json.dumps({**zs, "users": None}))
+        assert "Dev Hit@1 on all dev users;" in write_report(root / "results", tmp_path, preset="smoke").read_text()
+    finally:
+        matrix.write_text(kept)
+    text = write_report(root / "results", tmp_path, preset="smoke").read_text()
     assert "diagonal-dominant" in text and "- Tools: X-Cross vs best zero-shot source" in text and "p = " in text
     assert "## Tools: all metrics" in text and "| -Layers (beta = gamma = 0) |" in text
     own = json.loads((root / "results" / "lora-Tools-smoke.json").read_text())["metrics"]
