@@ -241,9 +241,8 @@ def test_minus_layers_ablation_is_integration_switched_off():
     switched_off = XCross(bb, loras, XCrossConfig(top_k=2, beta=0.0, gamma=0.0)).eval()
     randomize_trainables(switched_off)
     none = XCross(bb, loras, XCrossConfig(top_k=0)).eval()
-    missing, _ = none.load_state_dict({k: v for k, v in switched_off.state_dict().items()
-                                       if k in none.state_dict()}, strict=False)
-    assert not [k for k in missing if k in dict(none.named_parameters()) and none.get_parameter(k).requires_grad]
+    # every weight of the no-integration model (head, eq. 6's stream weights) is taken from the switched-off one
+    none.load_state_dict({k: v for k, v in switched_off.state_dict().items() if k in none.state_dict()})
     assert not list(none.integrators) and len(list(switched_off.integrators)) == 2
     ids, mask = batch(bb)
     with torch.no_grad():
