@@ -8,8 +8,9 @@ Checkpoints (DESIGN 5.6, layout written by the training CLI):
 Every checkpoint found is served. A request picks one with its optional `model` field (a kind); without it, the
 domain's default: the kind XCROSS_MODEL names when the domain has it, else the first of xcross, weaverec, gca,
 lora that it has. Served models are keyed `<Domain>` (the default) and `<Domain>:<kind>` (the others): the batcher
-and the runtime route by that key. Source LoRAs are looked up under `lora/` and each is read once for all targets
-(`load_models`). A corrupt or mismatched checkpoint raises `CheckpointError`.
+and the runtime route by that key. Source LoRAs are looked up by content hash under `lora/`, then `sources/` (old
+LoRAs that `training ship --keep-sources` kept for models not yet retrained) and `domains/`; each is read once for all
+targets (`load_models`). A corrupt or mismatched checkpoint raises `CheckpointError`.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def find_all_checkpoints(artifacts: Path) -> dict[str, dict[str, Path]]:
 
 
 ONBOARDED = "domains"  # <artifacts>/domains/<NAME>/: catalog.jsonl + xcross/ (+ lora/), by `python -m training onboard`
+KEPT_SOURCES = "sources"  # <artifacts>/sources/<D>-<hash12>/: old LoRAs kept by `training ship --keep-sources`
 
 
 def onboarded_domains(artifacts: Path) -> dict[str, Path]:
@@ -180,7 +182,8 @@ def load_models(artifacts: Path, backbone: Backbone, device: str = "cpu",
             lora = loras.setdefault(manifest["content_hash"], lora)
             model = single_stream(backbone, lora, head)
         else:
-            model, manifest = load_model(path, backbone, search=[artifacts / "lora", artifacts / ONBOARDED],
+            model, manifest = load_model(path, backbone, search=[artifacts / "lora", artifacts / KEPT_SOURCES,
+                                                                        artifacts / ONBOARDED],
                                          loras=loras)
         named = manifest.get("target") or manifest.get("domain")
         if named != domain:

@@ -336,26 +336,31 @@ def full_catalog_cmd(domain: Annotated[str, typer.Option(callback=_domain)],
 def ship_cmd(source: Annotated[Path, typer.Option("--from", help="staging root of a retrain: runs/wave2/artifacts")],
              to: Annotated[Path | None, typer.Option(help="served root (default: artifacts/)")] = None,
              runs: RunsOpt = None,
-             dry_run: Annotated[bool, typer.Option("--dry-run", help="only check; change nothing")] = False) -> None:
+             dry_run: Annotated[bool, typer.Option("--dry-run", help="only check; change nothing")] = False,
+             keep_sources: Annotated[bool, typer.Option(
+                 "--keep-sources", help="served kinds that are not staged (e.g. gca/ of an earlier wave) keep "
+                 "serving on copies of their current source LoRAs under <to>/sources/")] = False) -> None:
     """Swap a retrained, verified, self-consistent checkpoint set into the served artifacts
     (then POST /admin/reload or SIGHUP the service).
 
-    Example: python -m training ship --from runs/wave2/artifacts --dry-run
+    Example: python -m training ship --from runs/wave2/artifacts --keep-sources --dry-run
     """
     from training.pipeline import Paths
     from training.ship import ShipError, ship
 
     paths = Paths()
     try:
-        out = ship(source, to or paths.artifacts, runs or paths.runs, dry_run=dry_run)
+        out = ship(source, to or paths.artifacts, runs or paths.runs, dry_run=dry_run, keep_sources=keep_sources)
     except ShipError as exc:
         typer.echo(f"not shipped: {exc}", err=True)
         raise typer.Exit(1) from exc
     for kind in out["kinds"]:
         same = " (identical to what is served)" if kind in out["unchanged"] else ""
         typer.echo(f"{kind}: {', '.join(out['checkpoints'][kind])}{same}")
-    for dst in out["onboarded_sources_kept"]:
-        typer.echo(f"kept an onboarded domain's source: {dst}")
+    for dst in out["sources_kept"]:
+        typer.echo(f"kept a served model's current source LoRA: {dst}")
+    for d in out["sources_retired"]:
+        typer.echo(f"retired a kept source no served model names any more: {d}")
     typer.echo("checked; nothing changed (--dry-run)" if dry_run else
                f"shipped into {out['to']}; previous set in {out['backup']}; reload the service: POST /admin/reload "
                "(Authorization: Bearer $XCROSS_ADMIN_TOKEN) or kill -HUP <pid>")

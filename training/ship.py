@@ -13,6 +13,10 @@ the staging root into the served root, after checking that:
 Onboarded domains (training/onboard.py) were trained on the LoRAs that are being replaced: their old sources are
 copied into `domains/<NAME>/sources/<D>-<hash12>/` first (the service searches `domains/` for sources by hash), so
 they keep serving exactly the model that was evaluated, until they are re-onboarded on the new sources.
+With `--keep-sources`, a served kind that is not staged (say the GCA models of an earlier wave, not retrained
+yet) keeps serving too: the old LoRAs it names are copied into `<served>/sources/<D>-<hash12>/` (searched by hash
+like `domains/`), so it stays exactly the model that was evaluated; without the flag such a set is refused. Kept
+sources that no served checkpoint names any more (their models were retrained and shipped) move to the backup.
 The replaced kind directories are kept under `<runs>/shipped/<timestamp>/` (the rollback: move them back), and
 the served root is only changed by renames on one file system after everything was copied and checked. The service
 picks the new set up with `POST /admin/reload` (or SIGHUP) without a restart.
@@ -32,6 +36,7 @@ from model.checkpoint import MANIFEST, CheckpointError, read_manifest, verify_fi
 log = logging.getLogger("training")
 SHIPPED_KINDS = ("lora", "xcross", "weaverec", "gca")  # what `python -m training all` writes under <artifacts>/
 ONBOARDED = "domains"  # service/loading.py ONBOARDED
+KEPT = "sources"  # service/loading.py KEPT_SOURCES: old LoRAs kept for served models of an earlier ship
 
 
 class ShipError(RuntimeError):
@@ -42,12 +47,14 @@ class ShipError(RuntimeError):
 class Plan:
     kinds: list[str]  # kind directories replaced from the staging root
     checkpoints: dict[str, list[str]]  # kind -> staged domain names
-    keep_sources: list[tuple[Path, Path]] = field(default_factory=list)  # (old LoRA dir, copy under domains/)
+    keep_sources: list[tuple[Path, Path]] = field(default_factory=list)  # (old LoRA dir, its copy to keep)
+    prune_sources: list[Path] = field(default_factory=list)  # kept sources no served checkpoint names any more
     unchanged: list[str] = field(default_factory=list)  # kinds whose staged content is identical to what is served
 
     def summary(self) -> dict[str, Any]:
         return {"kinds": self.kinds, "checkpoints": self.checkpoints, "unchanged": self.unchanged,
-                "onboarded_sources_kept": [str(dst) for _, dst in self.keep_sources]}
+                "sources_kept": [str(dst) for _, dst in self.keep_sources],
+                "sources_retired": [str(d) for d in self.prune_sources]}
 
 
 def _checkpoints(root: Path) -> list[Path]:
@@ -64,8 +71,14 @@ def _hashes(root: Path) -> dict[str, Path]:
     return out
 
 
-def plan(staged: Path, served: Path, kinds: tuple[str, ...] = SHIPPED_KINDS) -> Plan:
-    """Check the staged set against the served root; raise ShipError naming what is wrong, else the plan."""
+def _keep(p: Plan, src: Path, dst: Path) -> None:
+    if (src, dst) not in p.keep_sources:
+        p.keep_sources.append((src, dst))
+
+
+def plan(staged: Path, served: Path, kinds: tuple[str, ...] = SHIPPED_KINDS, keep_sources: bool = False) -> Plan:
+    """Check the staged set against the served root; raise ShipError naming what is wrong, else the plan.
+    `keep_sources`: served kinds that are not staged keep their current source LoRAs (copied under sources/)."""
     if not staged.is_dir():
         raise ShipError(f"--from {staged}: no such directory (the staging root of `python -m training all "
                         f"--artifacts ...`)")
@@ -86,18 +99,28 @@ def plan(staged: Path, served: Path, kinds: tuple[str, ...] = SHIPPED_KINDS) -> 
     # the served view after the swap: staged kinds replace served ones, other kinds stay
     after = {k: (staged if k in present else served) / k for k in SHIPPED_KINDS}
     lora_after = _hashes(after["lora"])
+    old_lora = _hashes(served / "lora")
+    kept = _hashes(served / KEPT)
+    p = Plan(kinds=present, checkpoints=staged_ckpts)
+    named: set[str] = set()  # source hashes the served checkpoints name after the swap
     for kind in SHIPPED_KINDS:
         for d in _checkpoints(after[kind]):
             for ref in read_manifest(d).get("sources", []):
-                if "content_hash" in ref and ref["content_hash"] not in lora_after:
-                    where = "staged" if kind in present else "served (not staged)"
+                h = ref.get("content_hash")
+                if h is None or h in lora_after:
+                    continue
+                named.add(h)
+                if h in kept:
+                    continue
+                where = "staged" if kind in present else "served (not staged)"
+                if kind in present or h not in old_lora or not keep_sources:
+                    hint = (" or pass --keep-sources to keep serving it on a copy of its current sources"
+                            if kind not in present and h in old_lora else "")
                     raise ShipError(
-                        f"{where} {kind} checkpoint {d} needs source LoRA {ref.get('domain')} "
-                        f"{ref['content_hash'][:12]}..., which is not among the LoRAs it would be served with; "
-                        f"stage the {kind}/ models trained on the new LoRAs (or the LoRAs they were trained on) "
-                        "and ship them together")
-    p = Plan(kinds=present, checkpoints=staged_ckpts)
-    old_lora = _hashes(served / "lora")
+                        f"{where} {kind} checkpoint {d} needs source LoRA {ref.get('domain')} {h[:12]}..., which is "
+                        f"not among the LoRAs it would be served with; stage the {kind}/ models trained on the new "
+                        f"LoRAs (or the LoRAs they were trained on) and ship them together{hint}")
+                _keep(p, old_lora[h], served / KEPT / f"{ref.get('domain')}-{h[:12]}")
     onboarded = served / ONBOARDED
     own = _hashes(onboarded)
     for d in _checkpoints(onboarded):
@@ -105,24 +128,24 @@ def plan(staged: Path, served: Path, kinds: tuple[str, ...] = SHIPPED_KINDS) -> 
             continue
         for ref in read_manifest(d).get("sources", []):
             h = ref.get("content_hash")
+            named.add(h)
             if h in lora_after or h in own:
                 continue
             if h not in old_lora:
                 raise ShipError(f"onboarded checkpoint {d} needs source LoRA {ref.get('domain')} {str(h)[:12]}..., "
                                 "which is served neither now nor after the swap; re-onboard that domain first")
             name = d.relative_to(onboarded).parts[0]
-            dst = onboarded / name / "sources" / f"{ref.get('domain')}-{h[:12]}"
-            if (old_lora[h], dst) not in p.keep_sources:
-                p.keep_sources.append((old_lora[h], dst))
+            _keep(p, old_lora[h], onboarded / name / "sources" / f"{ref.get('domain')}-{h[:12]}")
+    p.prune_sources = [d for h, d in kept.items() if h not in named]
     p.unchanged = [k for k in present if (served / k).is_dir()
                    and sorted(_hashes(served / k)) == sorted(_hashes(staged / k))]
     return p
 
 
 def ship(staged: Path, served: Path, runs: Path, *, dry_run: bool = False,
-         kinds: tuple[str, ...] = SHIPPED_KINDS) -> dict[str, Any]:
+         kinds: tuple[str, ...] = SHIPPED_KINDS, keep_sources: bool = False) -> dict[str, Any]:
     """Verify (plan), then copy the staged kinds beside the served root and swap them in by renames."""
-    p = plan(staged, served, kinds)
+    p = plan(staged, served, kinds, keep_sources)
     out = {"from": str(staged), "to": str(served), "dry_run": dry_run, **p.summary()}
     if dry_run:
         return out
@@ -140,7 +163,7 @@ def ship(staged: Path, served: Path, runs: Path, *, dry_run: bool = False,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # from here on only renames; the onboarded domains' sources land first so they are never unresolvable
+    # from here on only renames; the kept sources land first so they are never unresolvable
     for _, dst in p.keep_sources:
         staged_copy = tmp / "sources" / dst.relative_to(served)
         if staged_copy.exists():
@@ -151,6 +174,9 @@ def ship(staged: Path, served: Path, runs: Path, *, dry_run: bool = False,
         if (served / kind).exists():
             shutil.move(str(served / kind), str(backup / kind))  # a rename when runs/ shares the file system
         (tmp / kind).rename(served / kind)
+    for d in p.prune_sources:
+        (backup / KEPT).mkdir(parents=True, exist_ok=True)
+        shutil.move(str(d), str(backup / KEPT / d.name))
     shutil.rmtree(tmp, ignore_errors=True)
     out["backup"] = str(backup)
     log.info("shipped %s from %s into %s (previous set in %s)", ", ".join(p.kinds), staged, served, backup)

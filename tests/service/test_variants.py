@@ -132,3 +132,27 @@ def test_onnx_backends_refuse_gca_with_a_clear_message(bb, artifacts, tmp_path):
     settings = app_settings(artifacts=artifacts, onnx_cache=tmp_path, backend="onnx", precision="auto")
     with pytest.raises(StartupError, match="GCA checkpoints .*Tools:gca.* torch backends only"):
         build_runtime("onnx", models, settings, bb, "cpu")
+
+
+def test_a_gca_model_not_retrained_keeps_serving_its_scores_after_a_ship_with_keep_sources(bb, artifacts, tmp_path):
+    """A retrain ships new LoRAs and X-Cross while gca/ is not retrained yet: with --keep-sources the served GCA
+    model resolves its old sources from <served>/sources/ and ranks exactly as before; the new X-Cross is served."""
+    import shutil
+
+    import torch
+
+    from training.ship import ship
+
+    served = tmp_path / "artifacts"
+    shutil.copytree(artifacts, served)
+    old = load_models(served, bb)
+    staged = save_artifacts(tmp_path / "stage", bb, top_k=1, seed=40)
+    out = ship(staged, served, tmp_path / "runs", keep_sources=True)
+    assert out["kinds"] == ["lora", "xcross"] and len(out["sources_kept"]) == 2
+    new = load_models(served, bb)
+    assert new["Tools:gca"].sha == old["Tools:gca"].sha
+    assert new["Tools"].sha != old["Tools"].sha  # the retrained X-Cross
+    ids = bb.tokenizer(["a b c", "d e f g"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a, b = (m["Tools:gca"].model(ids["input_ids"], ids["attention_mask"]) for m in (old, new))
+    assert torch.allclose(a, b)

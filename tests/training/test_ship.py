@@ -96,12 +96,41 @@ def test_onboarded_domain_keeps_its_old_sources(tmp_path: Path) -> None:
     _xcross(onb / "xcross", "Garden", {"Tools": old["Tools"], "Toys": old["Toys"]})
     _set(staged, 10.0)
     out = ship(staged, served, tmp_path / "runs")
-    assert sorted(Path(p).name for p in out["onboarded_sources_kept"]) == [
+    assert sorted(Path(p).name for p in out["sources_kept"]) == [
         f"Tools-{old['Tools'][:12]}", f"Toys-{old['Toys'][:12]}"]
     for ref in read_manifest(onb / "xcross")["sources"]:  # found the way the service looks (domains/ searched)
         found = resolve_source(ref, onb / "xcross", [served / "lora", served / "domains"])
         assert found.resolve().parent == (onb / "sources").resolve()
     assert plan(staged, served).keep_sources == []  # a second ship needs no further copies
+
+
+def test_keep_sources_keeps_an_unstaged_kind_serving_until_it_is_retrained(tmp_path: Path) -> None:
+    """gca/ of an earlier wave is not retrained yet: refused by default; with keep_sources its old LoRAs are copied
+    under sources/, and the ship that brings its retrained version retires them to the backup."""
+    served, staged, runs = tmp_path / "artifacts", tmp_path / "stage", tmp_path / "runs"
+    old = _set(served, 1.0)
+    _write(served / "gca" / "Tools", {"g": torch.ones(2)}, {"kind": "gca", "target": "Tools", "sources": [
+        {"domain": s, "content_hash": old[s], "path": f"../../lora/{s}"} for s in ("Toys", "Sports")]})
+    _set(staged, 10.0)
+    with pytest.raises(ShipError, match=r"served \(not staged\) gca checkpoint .*pass --keep-sources"):
+        ship(staged, served, runs)
+    out = ship(staged, served, runs, keep_sources=True)
+    assert sorted(Path(p).name for p in out["sources_kept"]) == [f"Sports-{old['Sports'][:12]}",
+                                                                 f"Toys-{old['Toys'][:12]}"]
+    gca = served / "gca" / "Tools"
+    for ref in read_manifest(gca)["sources"]:  # found the way the service looks (sources/ searched)
+        assert resolve_source(ref, gca, [served / "lora", served / "sources"]).parent == served / "sources"
+    assert plan(staged, served).keep_sources == []  # kept: a second ship needs neither copies nor the flag
+
+    later = tmp_path / "stage2"
+    new = _set(later, 20.0)
+    _write(later / "gca" / "Tools", {"g": torch.zeros(2)}, {"kind": "gca", "target": "Tools", "sources": [
+        {"domain": s, "content_hash": new[s], "path": f"../../lora/{s}"} for s in ("Toys", "Sports")]})
+    out = ship(later, served, runs)
+    assert out["kinds"] == ["lora", "xcross", "gca"] and len(out["sources_retired"]) == 2
+    assert not list((served / "sources").iterdir())
+    assert sorted(d.name for d in (Path(out["backup"]) / "sources").iterdir()) == sorted(
+        Path(p).name for p in out["sources_retired"])
 
 
 def test_cli_reports_and_fails_with_exit_code(tmp_path: Path) -> None:
