@@ -146,14 +146,16 @@ def findings(results: Path, preset: str) -> list[str]:
         if xc is None:
             out.append(f"- {t}: X-Cross not run.")
             continue
-        parts = []
+        parts, verdict = [], {}
         if zs:
             src = _best_source(zs, t)
             ref = _load(results / "zero_shot" / f"{src}-on-{t}.json")
             if ref:
-                r = paired_ttest(xc, ref)
+                r, m = paired_ttest(xc, ref), paired_ttest(xc, ref, "mrr@10")
                 parts.append(f"vs best zero-shot source ({src}) Hit@1 {r['a']:.2f} vs {r['b']:.2f}, "
-                             f"p = {r['p_value']:.3g} (n = {r['n_users']})")
+                             f"p = {r['p_value']:.3g}, MRR@10 {m['diff']:+.2f}, p = {m['p_value']:.3g} "
+                             f"(n = {r['n_users']})")
+                verdict.update({k: x["diff"] > 0 and x["p_value"] <= 0.05 for k, x in (("Hit@1", r), ("MRR@10", m))})
         for name, label in (("pooler-scorer", "Pooler+Scorer"), ("mean", "mean of LoRAs"),
                             ("minus-layers", "-Layers"), ("minus-interactions", "-Interactions"),
                             ("minus-experts", "-Experts")):
@@ -166,8 +168,13 @@ def findings(results: Path, preset: str) -> list[str]:
             parts.append(f"vs {label} {r['diff']:+.2f}, p = {r['p_value']:.3g}")
         own = _load(results / f"lora-{t}-{preset}.json")
         if own is not None:
-            r = paired_ttest(xc, own)
-            parts.append(f"vs the target's own LoRA {r['diff']:+.2f}, p = {r['p_value']:.3g}")
+            r, m = paired_ttest(xc, own), paired_ttest(xc, own, "mrr@10")
+            parts.append(f"vs the target's own LoRA {r['diff']:+.2f}, p = {r['p_value']:.3g}, MRR@10 "
+                         f"{m['diff']:+.2f}, p = {m['p_value']:.3g}")
+            if verdict:  # issue 16: at or above the own LoRA, above the best source with p <= 0.05
+                met = [k for k, x in (("Hit@1", r), ("MRR@10", m)) if verdict[k] and x["diff"] >= 0]
+                parts.append("target (>= own LoRA, > best source at p <= 0.05) "
+                             + (f"met at {' and '.join(met)}" if met else "not met"))
         out.append(f"- {t}: X-Cross " + ("; ".join(parts) if parts else "(no comparison run yet)") + ".")
     out.append(f"- X-Cross above Pooler+Scorer on {wins['pooler-scorer']} targets and above the mean of LoRAs on "
                f"{wins['mean']} (Hit@1; of the targets where both ran).")

@@ -250,9 +250,11 @@ def test_low_data_runs_and_plots(pipeline):
 
 
 def test_report_writes_tables_with_paper_numbers(pipeline, tmp_path):
+    from training.pipeline import low_data
     from training.report import plot_curves, write_report
 
-    _, root, _, _, _ = pipeline
+    ctx, root, _, _, _ = pipeline
+    low_data(ctx, "Tools")  # the low-data section's input (read back when test_low_data_runs_and_plots ran first)
     out = write_report(root / "results", tmp_path, preset="smoke")
     text = out.read_text()
     assert "| X-Cross |" in text and "20.11" in text  # the paper's Tools X-Cross Hit@1 beside ours
@@ -282,6 +284,9 @@ def test_report_writes_tables_with_paper_numbers(pipeline, tmp_path):
     verdict = "met" if own["hit@1"] >= 0.7 * 18.74 else "not met"
     assert f"- Tools LoRA: Hit@1 {own['hit@1']:.2f} on {own['n_users']} dev users, target 13.1" in text
     assert f"paper's 18.74): {verdict}." in text and "vs the target's own LoRA" in text
+    # issue 16's X-Cross check, at Hit@1 and MRR@10, with both p-values
+    assert re.search(r"- Tools: X-Cross vs best zero-shot source \(\w+\) Hit@1 .*, p = .*, MRR@10 [+-]\d+\.\d\d, "
+                     r"p = .*target \(>= own LoRA, > best source at p <= 0\.05\) (met at|not met)", text)
     assert "## Low data: Tools" in text and "Smallest size above it" in text
     assert plot_curves(root / "results", tmp_path / "c.png").stat().st_size > 1000
 
