@@ -66,8 +66,13 @@ def test_start_up_says_what_it_serves_without_library_warning_tables(served):
     assert "Traceback" not in log, log[-3000:]
     served_line = re.search(r"service: serving 4 domains \((.*)\)", log)
     assert served_line, log[:3000]
-    for domain in ("Electronics", "Sports", "Tools", "Toys"):
-        assert f"{domain}: xcross, " in served_line.group(1), served_line.group(1)
+    from service.loading import default_kind, find_all_checkpoints
+
+    shipped = find_all_checkpoints(REPO / "artifacts")  # xcross where a domain has one, else its LoRA (partial ship)
+    assert sorted(shipped) == ["Electronics", "Sports", "Tools", "Toys"]
+    for domain, kinds in shipped.items():
+        assert re.search(rf"\b{domain}: {default_kind(kinds)}\b", served_line.group(1)), served_line.group(1)
+        assert "lora" in kinds and ("xcross" not in kinds or default_kind(kinds) == "xcross")
     assert re.search(r"service: device cpu, backend torch", log) and "service: Redis off (REDIS_URL unset" in log
 
 
