@@ -112,15 +112,16 @@ def plan(staged: Path, served: Path, kinds: tuple[str, ...] = SHIPPED_KINDS, kee
                 named.add(h)
                 if h in kept:
                     continue
+                keepable = kind not in present and h in old_lora  # a served model not replaced, on a served LoRA
+                if keepable and keep_sources:
+                    _keep(p, old_lora[h], served / KEPT / f"{ref.get('domain')}-{h[:12]}")
+                    continue
                 where = "staged" if kind in present else "served (not staged)"
-                if kind in present or h not in old_lora or not keep_sources:
-                    hint = (" or pass --keep-sources to keep serving it on a copy of its current sources"
-                            if kind not in present and h in old_lora else "")
-                    raise ShipError(
-                        f"{where} {kind} checkpoint {d} needs source LoRA {ref.get('domain')} {h[:12]}..., which is "
-                        f"not among the LoRAs it would be served with; stage the {kind}/ models trained on the new "
-                        f"LoRAs (or the LoRAs they were trained on) and ship them together{hint}")
-                _keep(p, old_lora[h], served / KEPT / f"{ref.get('domain')}-{h[:12]}")
+                hint = " or pass --keep-sources to keep serving it on a copy of its current sources" if keepable else ""
+                raise ShipError(
+                    f"{where} {kind} checkpoint {d} needs source LoRA {ref.get('domain')} {h[:12]}..., which is "
+                    f"not among the LoRAs it would be served with; stage the {kind}/ models trained on the new "
+                    f"LoRAs (or the LoRAs they were trained on) and ship them together{hint}")
     onboarded = served / ONBOARDED
     own = _hashes(onboarded)
     for d in _checkpoints(onboarded):
