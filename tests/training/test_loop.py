@@ -125,15 +125,25 @@ def test_two_gloo_processes_match_one_process(tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531"], tmp_path / "two"
     )
     assert one.keys() == two.keys()
-    # The scorer bias b_c has a zero gradient under the listwise loss (softmax is shift-invariant): its updates are
-    # Adam-normalised float noise of either sign, so it is compared only to the learning-rate scale. The other
-    # tensors: the fast path runs each rank's prompts in one packed forward, so the two runs' GEMMs have different
-    # shapes and sum in different orders (~1e-7 relative); Adam's normalised first steps carry that to ~2e-5 here,
-    # while a wrong reduction (a rank's own gradient, a doubled one) moves every tensor by ~lr = 1e-3 per step.
+    # What a broken reduction looks like (measured on the smoke preset with all_reduce made a no-op, each rank
+    # stepping on its own half of the batch): 94% of every tensor's elements differ by more than 0.1 * lr, median
+    # difference ~0.8 * lr. What a correct one looks like: the two runs' GEMMs have different shapes and sum in
+    # different orders (~1e-7 relative), and Adam's sign-like first steps (lora_B starts at 0, so lora_A's first
+    # gradients are ~0 and flip sign on that noise) carry it to a handful of elements: 0 of 443,136 beyond 1e-4 and a
+    # median of ~1e-9 on a 2-core EPYC, but single elements past 1e-4 on an AMX Xeon, whose kernels sum differently
+    # (one process on 1 vs 2 threads alone moves an element by 6e-5). So the check is on the share of elements that
+    # moved, not on the worst one. The scorer bias b_c has a zero gradient under the listwise loss (softmax is
+    # shift-invariant): its updates are Adam-normalised float noise of either sign, compared to the lr scale only.
     lr = PRESETS["smoke"].lora.lr
     for k in one:
-        tol = 4 * PRESETS["smoke"].lora.head_lr if k == "head.scorer.bias" else 0.1 * lr
-        torch.testing.assert_close(one[k], two[k], atol=tol, rtol=0, msg=k)
+        diff = (one[k] - two[k]).abs()
+        if k == "head.scorer.bias":
+            assert diff.max() <= 4 * PRESETS["smoke"].lora.head_lr, (k, diff.max())
+            continue
+        moved = int((diff > 0.1 * lr).sum())
+        detail = f"{k}: {moved} of {diff.numel()} elements moved by > {0.1 * lr:g}"
+        detail += f" (max {diff.max():.2e}, median {diff.median():.2e})"
+        assert moved <= 0.01 * diff.numel() and diff.median() < 0.01 * lr, detail
 
 
 def test_lr_restarts_keep_epoch_one_and_restart_the_decay_each_epoch():
