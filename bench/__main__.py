@@ -4,6 +4,7 @@
     python -m bench                         # full run: + accuracy on 500 dev users, sweeps; writes docs/performance.md
     python -m bench --artifacts artifacts   # trained checkpoints (xcross/Tools over lora/Sports, lora/Electronics)
     OMP_NUM_THREADS=1 python -m bench --quick   # one thread (e.g. while another job holds the other core)
+    python -m bench --smoke --json          # one round of every quick comparison: the harness end to end (tests)
 
 Without `--artifacts` the checkpoints are freshly initialised on the real MiniLM (timing does not depend on trained
 values; the accuracy keys then only measure agreement between backends: labelled so in the output).
@@ -30,6 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer rounds and requests, no sweeps (< 60 s)")
+    p.add_argument("--smoke", action="store_true",
+                   help="--quick with one timed round everywhere and the smallest service burst: checks that every "
+                        "key is produced (the test suite's run); its timings are single samples, not results")
     p.add_argument("--json", action="store_true", help="print every key as one JSON object on the last line")
     p.add_argument("--artifacts", type=Path, default=None, help="trained checkpoint root (default: random ones)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "performance.md",
@@ -38,7 +42,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--users", type=int, default=500, help="dev users for the accuracy comparison (full run)")
     p.add_argument("--threads", type=int, default=0, help="torch / ORT intra-op threads (default: torch's default)")
     p.add_argument("--no-service", action="store_true", help="skip the service comparisons")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.quick = True
+        args.reps = args.reps or 1
+    return args
 
 
 def log(msg: str) -> None:
@@ -92,7 +100,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
     from bench import training
 
     log("training step vs inference forward (source LoRA" + (")" if args.quick else ", X-Cross, profiles)"))
-    train_keys, report["training"] = training.run(reps=2 if args.quick else reps, bf16=native_bf16,
+    train_keys, report["training"] = training.run(reps=min(reps, 2) if args.quick else reps, bf16=native_bf16,
                                                   with_xcross=not args.quick, profile=not args.quick)
     keys.update(train_keys)
     torch.set_num_threads(threads)
@@ -105,7 +113,7 @@ def run(args: argparse.Namespace, work: Path) -> int:
         server = serving.Server(serving.server_env(artifacts, backend, threads), work / "server.log")
         try:
             server.wait_ready()
-            clients, burst, per_round = (3, 5, 1) if args.quick else (4, 12, 2)
+            clients, burst, per_round = (2, 3, 1) if args.smoke else (3, 5, 1) if args.quick else (4, 12, 2)
             svc, svc_details = serving.service_suite(engine, server, requests, reps, clients, burst, per_round)
             keys.update(svc)
             keys["service_backend"] = backend
