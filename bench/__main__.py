@@ -1,6 +1,6 @@
 """Benchmarks: every number is a ratio of two things timed side by side in this run (DESIGN 9, issue 7).
 
-    python -m bench --quick --json          # < 60 s on 2 idle cores; the JSON object is the last stdout line
+    python -m bench --quick --json          # the JSON object is the last stdout line (times: docs/benchmarks.md)
     python -m bench                         # full run: + accuracy on 500 dev users, sweeps; writes docs/performance.md
     python -m bench --artifacts artifacts   # trained checkpoints (xcross/Tools over lora/Sports, lora/Electronics)
     OMP_NUM_THREADS=1 python -m bench --quick   # one thread (e.g. while another job holds the other core)
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer rounds and requests, no sweeps (< 60 s)")
+    p.add_argument("--quick", action="store_true", help="fewer rounds and requests, no sweeps")
     p.add_argument("--smoke", action="store_true",
                    help="--quick with one timed round everywhere and the smallest service burst: checks that every "
                         "key is produced (the test suite's run); its timings are single samples, not results")
