@@ -361,6 +361,10 @@ def ship_cmd(source: Annotated[Path, typer.Option("--from", help="staging root o
         typer.echo(f"kept a served model's current source LoRA: {dst}")
     for d in out["sources_retired"]:
         typer.echo(f"retired a kept source no served model names any more: {d}")
+    typer.echo("default model per domain after the swap: "
+               + ", ".join(f"{d}: {k}" for d, k in out["defaults"].items()))
+    for line in out["stale_defaults"]:
+        typer.echo(f"warning: {line}", err=True)
     typer.echo("checked; nothing changed (--dry-run)" if dry_run else
                f"shipped into {out['to']}; previous set in {out['backup']}; reload the service: POST /admin/reload "
                "(Authorization: Bearer $XCROSS_ADMIN_TOKEN) or kill -HUP <pid>")

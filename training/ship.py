@@ -50,11 +50,14 @@ class Plan:
     keep_sources: list[tuple[Path, Path]] = field(default_factory=list)  # (old LoRA dir, its copy to keep)
     prune_sources: list[Path] = field(default_factory=list)  # kept sources no served checkpoint names any more
     unchanged: list[str] = field(default_factory=list)  # kinds whose staged content is identical to what is served
+    defaults: dict[str, str] = field(default_factory=dict)  # domain -> the kind serving it by default after the swap
+    stale_defaults: list[str] = field(default_factory=list)  # domains whose default stays an unstaged (older) kind
 
     def summary(self) -> dict[str, Any]:
         return {"kinds": self.kinds, "checkpoints": self.checkpoints, "unchanged": self.unchanged,
                 "sources_kept": [str(dst) for _, dst in self.keep_sources],
-                "sources_retired": [str(d) for d in self.prune_sources]}
+                "sources_retired": [str(d) for d in self.prune_sources], "defaults": self.defaults,
+                "stale_defaults": self.stale_defaults}
 
 
 def _checkpoints(root: Path) -> list[Path]:
@@ -140,7 +143,30 @@ def plan(staged: Path, served: Path, kinds: tuple[str, ...] = SHIPPED_KINDS, kee
     p.prune_sources = [d for h, d in kept.items() if h not in named]
     p.unchanged = [k for k in present if (served / k).is_dir()
                    and sorted(_hashes(served / k)) == sorted(_hashes(staged / k))]
+    p.defaults, p.stale_defaults = _defaults(after, staged_ckpts)
     return p
+
+
+def _defaults(after: dict[str, Path], staged: dict[str, list[str]]) -> tuple[dict[str, str], list[str]]:
+    """Each built-in domain's default kind after the swap (the service's order: xcross, weaverec, gca, lora), and
+    the domains where a kind that was not staged (an earlier set's model, kept) outranks one that was: the service
+    would keep serving the older model by default (say a first-wave weaverec/ over a retrained lora/)."""
+    from service.loading import KINDS, default_kind
+
+    kinds_of: dict[str, list[str]] = {}
+    for kind in KINDS:
+        for d in sorted(after[kind].iterdir()) if after[kind].is_dir() else []:
+            if (d / MANIFEST).is_file():
+                kinds_of.setdefault(d.name, []).append(kind)
+    defaults, stale = {}, []
+    for domain, kinds in sorted(kinds_of.items()):
+        defaults[domain] = default = default_kind(kinds)
+        fresh = [k for k in kinds if domain in staged.get(k, [])]
+        if fresh and domain not in staged.get(default, []):
+            stale.append(f"{domain}: {default}/ (not staged) stays the default over the staged "
+                         f"{', '.join(k + '/' for k in fresh)}; stage a retrained {default}/{domain} too, or move "
+                         f"{default}/{domain} out of the served root if the older model should not serve")
+    return defaults, stale
 
 
 def ship(staged: Path, served: Path, runs: Path, *, dry_run: bool = False,
@@ -148,6 +174,8 @@ def ship(staged: Path, served: Path, runs: Path, *, dry_run: bool = False,
     """Verify (plan), then copy the staged kinds beside the served root and swap them in by renames."""
     p = plan(staged, served, kinds, keep_sources)
     out = {"from": str(staged), "to": str(served), "dry_run": dry_run, **p.summary()}
+    for line in p.stale_defaults:
+        log.warning("default model: %s", line)
     if dry_run:
         return out
     stamp = time.strftime("%Y%m%dT%H%M%S")

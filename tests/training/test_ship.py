@@ -144,3 +144,27 @@ def test_cli_reports_and_fails_with_exit_code(tmp_path: Path) -> None:
     assert "lora: Sports, Tools, Toys" in r.output and "--dry-run" in r.output
     r = runner.invoke(app, ["ship", "--from", str(tmp_path / "nowhere"), "--to", str(served)])
     assert r.exit_code == 1 and "no such directory" in r.output
+
+
+def test_an_unstaged_kind_that_outranks_a_staged_one_is_reported_as_a_stale_default(tmp_path: Path) -> None:
+    """The service serves a domain by its first kind in xcross, weaverec, gca, lora order: an earlier wave's
+    weaverec/Sports kept beside a retrained lora/Sports would stay Sports' default. The plan names it; a domain whose
+    default is staged (Tools: xcross) is not named."""
+    served, staged, runs = tmp_path / "artifacts", tmp_path / "stage", tmp_path / "runs"
+    old = _set(served, 1.0)
+    _write(served / "weaverec" / "Sports", {"m": torch.ones(2)}, {"kind": "weaverec", "target": "Sports",
+           "sources": [{"domain": "Sports", "content_hash": old["Sports"], "path": "../../lora/Sports"}]})
+    _set(staged, 10.0)
+    p = plan(staged, served, keep_sources=True)
+    assert p.defaults == {"Sports": "weaverec", "Tools": "xcross", "Toys": "lora"}
+    assert len(p.stale_defaults) == 1 and p.stale_defaults[0].startswith("Sports: weaverec/ (not staged)")
+    assert "lora/" in p.stale_defaults[0]
+    runner = CliRunner()
+    r = runner.invoke(app, ["ship", "--from", str(staged), "--to", str(served), "--runs", str(runs), "--dry-run",
+                            "--keep-sources"])
+    assert r.exit_code == 0, r.output
+    assert "Sports: weaverec, Tools: xcross, Toys: lora" in r.output and "warning: Sports: weaverec/" in r.output
+    _write(staged / "weaverec" / "Sports", {"m": torch.zeros(2)}, {"kind": "weaverec", "target": "Sports",
+           "sources": [{"domain": "Sports", "content_hash": _served_hashes(staged, "lora")["Sports"],
+                        "path": "../../lora/Sports"}]})
+    assert plan(staged, served).stale_defaults == []  # retrained too: the default is the staged one
