@@ -174,8 +174,6 @@ def ship(staged: Path, served: Path, runs: Path, *, dry_run: bool = False,
     """Verify (plan), then copy the staged kinds beside the served root and swap them in by renames."""
     p = plan(staged, served, kinds, keep_sources)
     out = {"from": str(staged), "to": str(served), "dry_run": dry_run, **p.summary()}
-    for line in p.stale_defaults:
-        log.warning("default model: %s", line)
     if dry_run:
         return out
     stamp = time.strftime("%Y%m%dT%H%M%S")
