@@ -248,14 +248,17 @@ def evaluate_cmd(model: Annotated[Path, typer.Option(help="checkpoint directory"
 
 @app.command("report")
 def report_cmd(preset: PresetOpt = "cpu", results: ResultsOpt = None,
-               docs: Annotated[Path, typer.Option(help="where results.md goes")] = Path("docs")) -> None:
+               docs: Annotated[Path, typer.Option(help="where results.md goes")] = Path("docs"),
+               runs: Annotated[Path | None, typer.Option(help="run states to plot the curves of runs still training "
+                                                         "(e.g. runs/wave2); default: finished runs only")] = None,
+               ) -> None:
     """Write docs/results.md (tables with the paper's numbers, significance, plots, provenance)."""
     from training.pipeline import Paths
     from training.report import plot_curves, write_report
 
     root = results or Paths().results
     docs.mkdir(parents=True, exist_ok=True)
-    curves = plot_curves(root, docs / "training_curves.png")
+    curves = plot_curves(root, docs / "training_curves.png", preset, runs)
     typer.echo(f"wrote {write_report(root, docs, preset)}" + (f" and {curves}" if curves else ""))
 
 

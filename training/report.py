@@ -291,7 +291,11 @@ def write_report(results: Path, docs: Path, preset: str = "cpu") -> Path:
             if png.exists():
                 parts += [f"![low data {d}](../results/{png.name})", ""]
     if (docs / "training_curves.png").exists():
-        parts += ["## Training curves", "", "![validation Hit@1 during training](training_curves.png)", ""]
+        parts += ["## Training curves", "",
+                  "Validation MRR@10 (the metric that keeps a checkpoint) against train users seen, per target: the "
+                  "own LoRA, X-Cross, Pooler+Scorer and the ablations, beside the two chosen sources' zero-shot "
+                  "points on the same validation users; dashed: runs still training when the report was written.",
+                  "", "![validation MRR@10 during training](training_curves.png)", ""]
     parts += _extra_sections(results, preset)
     parts += ["## Provenance", "", provenance(results), ""]
     out = docs / "results.md"
@@ -299,28 +303,66 @@ def write_report(results: Path, docs: Path, preset: str = "cpu") -> Path:
     return out
 
 
-def plot_curves(results: Path, out: Path, pattern: str = "lora-*.json") -> Path | None:
-    """Validation Hit@1 vs train users seen, one line per training run that recorded a curve."""
+# the training runs whose validation curves share a target's panel, in legend order
+CURVE_KINDS = {"lora": "own LoRA", "xcross": "X-Cross", "pooler-scorer": "Pooler+Scorer",
+               "minus-layers": "-Layers", "minus-interactions": "-Interactions", "minus-experts": "-Experts"}
+
+
+def curve_series(results: Path, preset: str, runs: Path | None = None) -> dict[str, dict]:
+    """Per target: each run's validation curve (finished runs from their result files; with `runs`, runs still
+    training from their resumable state.json) and its chosen sources' zero-shot validation points.
+
+    {target: {"runs": [{"kind", "label", "running", "step", "curve"}], "sources": {source: metrics}}}"""
+    out: dict[str, dict] = {}
+    zs = _load(results / "zero_shot.json") or {}
+    for target in DOMAINS:
+        series = []
+        for kind, label in CURVE_KINDS.items():
+            name = f"{kind}-{target}-{preset}"
+            res = _load(results / f"{name}.json")
+            state = _load(runs / name / "state.json") if runs is not None and res is None else None
+            run = res if res is not None else state
+            if run and run.get("curve"):
+                series.append({"kind": kind, "label": label, "running": res is None, "curve": run["curve"],
+                               "step": run.get("step", run["curve"][-1]["step"]) if res is None else None})
+        sources = {s: zs["val"][s][target] for s in zs.get("sources", {}).get(target, [])}
+        if series:
+            out[target] = {"runs": series, "sources": sources}
+    return out
+
+
+def plot_curves(results: Path, out: Path, preset: str = "cpu", runs: Path | None = None,
+                metric: str = "mrr@10") -> Path | None:
+    """One panel per target: validation `metric` (the one that keeps a checkpoint) vs train users seen for the
+    target's own LoRA, X-Cross, Pooler+Scorer and the ablations; dotted lines: the two chosen sources' zero-shot
+    points on the same validation users; dashed curves: runs still training (their last evaluation so far)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = [(p.stem, _load(p)) for p in sorted(results.glob(pattern))]
-    runs = [(name, r) for name, r in runs if r and r.get("curve")]
-    if not runs:
+    panels = curve_series(results, preset, runs)
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for name, r in runs:
-        ax.plot([c["users_seen"] for c in r["curve"]], [c["hit@1"] for c in r["curve"]], "o-", ms=3, label=name)
-    floors = {p.stem.removeprefix("floor-"): _load(p)["metrics"]["hit@1"] for p in results.glob("floor-*.json")}
-    for d, v in floors.items():
-        ax.axhline(v, ls="--", lw=1, color="gray")
-        ax.annotate(f"floor {d}", (0, v), fontsize=7, color="gray", va="bottom")
-    ax.axhline(100 / 30, ls=":", lw=1, color="black")
-    ax.set_xlabel("train users seen")
-    ax.set_ylabel("validation Hit@1 (300 users)")
-    ax.legend(fontsize=7)
+    cols = min(2, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+    palette = ("tab:orange", "tab:blue", "tab:green", "tab:red", "tab:purple", "tab:brown")
+    colors = dict(zip(CURVE_KINDS, palette, strict=True))
+    for ax, (target, panel) in zip(axes.flat, panels.items(), strict=False):  # spare axes: off
+        for r in panel["runs"]:
+            label = r["label"] + (f" (training, step {r['step']:,})" if r["running"] else "")
+            ax.plot([c["users_seen"] / 1000 for c in r["curve"]], [c[metric] for c in r["curve"]], marker="o",
+                    ms=3, color=colors[r["kind"]], ls="--" if r["running"] else "-", label=label)
+        for (src, m), ls in zip(panel["sources"].items(), (":", "-."), strict=False):
+            ax.axhline(m[metric], ls=ls, lw=1, color="gray", label=f"{src} LoRA zero-shot")
+        users = next(iter(panel["sources"].values()), {}).get("n_users")
+        ax.set_title(f"{target}" + (f" ({users:,} validation users)" if users else ""), fontsize=10)
+        ax.set_xlabel("train users seen (thousands)")
+        ax.set_ylabel(f"validation {metric.replace('mrr', 'MRR').replace('hit', 'Hit')}")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

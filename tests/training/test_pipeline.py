@@ -288,7 +288,7 @@ def test_report_writes_tables_with_paper_numbers(pipeline, tmp_path):
     assert re.search(r"- Tools: X-Cross vs best zero-shot source \(\w+\) Hit@1 .*, p = .*, MRR@10 [+-]\d+\.\d\d, "
                      r"p = .*target \(>= own LoRA, > best source at p <= 0\.05\) (met at|not met)", text)
     assert "## Low data: Tools" in text and "Smallest size above it" in text
-    assert plot_curves(root / "results", tmp_path / "c.png").stat().st_size > 1000
+    assert plot_curves(root / "results", tmp_path / "c.png", preset="smoke").stat().st_size > 1000
 
 
 def test_roots_follow_the_environment_that_all_sets_for_its_jobs(monkeypatch, tmp_path):
