@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Commit the resumable state of a (staged) retrain, so the next session resumes it instead of starting over:
-# every run's state.json / state.safetensors / best.safetensors, the staged checkpoints and the results files.
+# every run's state.json / state.safetensors / best.safetensors (and dev-progress.json: an interrupted dev
+# evaluation's ranks so far), the staged checkpoints and the results files.
 # runs/ and the staged artifacts are git-ignored, so they are force-added; nothing else is staged or committed
 # (the prefix cache and logs stay out; other staged changes are left staged). Safe to run while training runs: every file is written atomically.
 #   scripts/commit_states.sh                       # runs/wave2, runs/wave2/artifacts, results/wave2
@@ -13,8 +14,13 @@ ARTIFACTS=${ARTIFACTS:-$RUNS/artifacts}
 shopt -s nullglob
 paths=()
 for dir in "$RUNS"/*/; do
-  for f in state.json state.safetensors best.safetensors; do
-    [ -e "$dir$f" ] && paths+=("$dir$f")
+  for f in state.json state.safetensors best.safetensors dev-progress.json; do
+    if [ -e "$dir$f" ]; then
+      paths+=("$dir$f")
+    elif git ls-files --error-unmatch -- "$dir$f" >/dev/null 2>&1; then
+      git rm -q --cached -- "$dir$f"  # a dev evaluation's progress, removed when it completed
+      paths+=("$dir$f")
+    fi
   done
 done
 [ -d "$ARTIFACTS" ] && paths+=("$ARTIFACTS")

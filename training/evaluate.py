@@ -6,6 +6,7 @@ gets rank 30 and Hit@1 = 0: a collapsed model looks collapsed).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -124,11 +125,41 @@ def autocast(enabled: bool, device: str | None = None):
     return torch.autocast(device or train_device().type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
+PROGRESS_EVERY = 100  # users between saves of a resumable evaluation (a multiple of the prefix cache's shard)
+
+
+def _progress_key(model_key: str, users: Sequence[User], bf16: bool) -> str:
+    h = hashlib.sha256(f"{model_key}|bf16={bf16}|".encode())
+    for u in users:
+        h.update(f"{u.user}\0{u.target}\0{','.join(map(str, u.candidates))}\n".encode())
+    return h.hexdigest()
+
+
+def _load_progress(path: Path, key: str) -> list[dict]:
+    """The per-user ranks an interrupted evaluation of the same model on the same users saved (else none)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):  # absent, or cut short by a kill mid-write of an older format: start over
+        return []
+    return saved["per_user"] if saved.get("key") == key else []
+
+
+def _save_progress(path: Path, key: str, per_user: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "per_user": per_user}))
+    os.replace(tmp, path)
+
+
 @torch.inference_mode()
 def evaluate_users(scorer: Scorer, source: PromptSource, users: Sequence[User], bf16: bool = False,
-                   progress: bool = True, desc: str = "eval") -> dict:
+                   progress: bool = True, desc: str = "eval", resume: tuple[Path, str] | None = None) -> dict:
     """Score each user's 30 candidates in one forward; return metrics and per-user ranks, and for models with
-    gated cross-attention the orthogonality diagnostic per layer (mean_t |cos(X_t, A_t)|, model/gca.py)."""
+    gated cross-attention the orthogonality diagnostic per layer (mean_t |cos(X_t, A_t)|, model/gca.py).
+
+    `resume` = (progress file, a key naming the weights): every PROGRESS_EVERY users the ranks so far are saved
+    there, and an evaluation of the same weights on the same users (same candidates, same precision) that was
+    killed picks up after them (ranks are deterministic); the file is removed when the evaluation completes.
+    Not for GCA models, whose diagnostic needs every user in one process."""
     gca = isinstance(scorer, torch.nn.Module) and bool(gca_modules(scorer))
     if isinstance(scorer, torch.nn.Module):
         to_device(scorer)
@@ -137,19 +168,26 @@ def evaluate_users(scorer: Scorer, source: PromptSource, users: Sequence[User], 
     missing = [u.user for u in users if u.candidates is None]
     if missing:
         raise ValueError(f"user {missing[0]} has no candidates; evaluation needs dev.jsonl-style users")
+    path, key = (resume[0], _progress_key(resume[1], users, bf16)) if resume and not gca else (None, "")
+    per_user = _load_progress(path, key) if path else []
     cache = prefix_cache(scorer, source, users, bf16) if not gca else None
-    per_user = []
     try:
-        for i, u in enumerate(tqdm(users, desc=desc, disable=not progress, leave=False)):
+        for i in tqdm(range(len(per_user), len(users)), desc=desc, disable=not progress, leave=False,
+                      initial=len(per_user), total=len(users)):
+            u = users[i]
             ids, mask = cache.batches[i] if cache else source.batch(u, u.candidates)
             with autocast(bf16):
                 scores = (cache.scores(i) if cache else scorer(ids, mask)).float().cpu().numpy()
             per_user.append({"user": u.user, "rank": rank_of_target(scores, u.candidates.index(u.target))})
+            if path and (i + 1) % PROGRESS_EVERY == 0 and i + 1 < len(users):
+                _save_progress(path, key, per_user)
         if cache:
             cache.close()
         out = {"metrics": metrics_from_ranks([p["rank"] for p in per_user]), "per_user": per_user}
         if gca:
             out["orthogonality"] = {layer: round(v, 5) for layer, v in orthogonality(scorer).items()}
+        if path:
+            path.unlink(missing_ok=True)
         return out
     finally:
         if gca:

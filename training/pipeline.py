@@ -10,6 +10,7 @@ Where things go (all paths configurable through `Paths`):
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ from training.presets import DEVIATIONS, Preset, TrainConfig
 
 log = logging.getLogger("training")
 REPO = Path(__file__).resolve().parents[1]
+DEV_PROGRESS = "dev-progress.json"  # a finished run's dev evaluation so far, kept across a kill (commit_states.sh)
 
 
 def _root(env: str, default: str) -> Path:
@@ -153,8 +155,9 @@ def _train_then_evaluate(ctx: Context, model, source: PromptSource, users: list,
     load_best(model, run_dir)
     model.eval()
     dev = ctx.dev(domain, cfg.dev_users)
+    weights = hashlib.sha256((run_dir / "best.safetensors").read_bytes()).hexdigest()
     return state, _saved_dev(ctx, run_dir, state, dev) or evaluate_users(
-        model, source, dev, cfg.bf16, ctx.progress, "dev")
+        model, source, dev, cfg.bf16, ctx.progress, "dev", resume=(run_dir / DEV_PROGRESS, weights))
 
 
 def _saved_dev(ctx: Context, run_dir: Path, state, dev: list) -> dict | None:

@@ -89,3 +89,51 @@ def test_to_device_inside_inference_mode_leaves_trainable_tensors():
         to_device(model, torch.device("meta"))
     tensors = [*model.parameters(), *runner.model.parameters()]
     assert all(t.device.type == "meta" and not t.is_inference() for t in tensors)
+
+
+def test_a_killed_evaluation_resumes_after_the_users_it_saved(tools_source, tmp_path, monkeypatch):
+    import training.evaluate as ev
+
+    monkeypatch.setattr(ev, "PROGRESS_EVERY", 2)
+    users = load_domain("Tools").dev[:7]
+    calls = []
+
+    def scorer(ids, mask):  # deterministic and candidate-dependent, so ranks differ between users
+        calls.append(1)
+        if len(calls) == kill_at:
+            raise KeyboardInterrupt  # the session ending mid-evaluation
+        return (ids * torch.arange(ids.shape[1])).sum(1).float() % 97
+
+    kill_at = 0
+    whole = evaluate_users(scorer, tools_source, users, progress=False)
+    assert len({p["rank"] for p in whole["per_user"]}) > 1
+    progress = tmp_path / "dev-progress.json"
+    calls.clear()
+    kill_at = 6  # dies on the 6th user: users 1-4 were saved (every 2), the 5th was not
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_users(scorer, tools_source, users, progress=False, resume=(progress, "weights-a"))
+    assert progress.exists()
+    calls.clear()
+    kill_at = 0
+    resumed = evaluate_users(scorer, tools_source, users, progress=False, resume=(progress, "weights-a"))
+    assert len(calls) == 3  # users 5-7 only
+    assert resumed == whole and not progress.exists()  # the same ranks; the progress file goes when it completes
+
+    calls.clear()
+    kill_at = 4
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_users(scorer, tools_source, users, progress=False, resume=(progress, "weights-a"))
+    calls.clear()
+    kill_at = 0
+    # other weights (or other users, candidates, precision) never reuse the saved ranks
+    assert evaluate_users(scorer, tools_source, users, progress=False, resume=(progress, "weights-b")) == whole
+    assert len(calls) == 7
+    kill_at = 4
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_users(scorer, tools_source, users, progress=False, resume=(progress, "weights-a"))
+    calls.clear()
+    kill_at = 0
+    assert evaluate_users(scorer, tools_source, users[1:], progress=False, resume=(progress, "weights-a")) == \
+        evaluate_users(scorer, tools_source, users[1:], progress=False)
+    assert len(calls) == 12  # 6 + 6: nothing reused for a different user list

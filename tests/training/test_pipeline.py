@@ -336,3 +336,40 @@ def test_a_finished_lora_whose_checkpoint_was_lost_is_exported_again_without_res
     shutil.rmtree(paths.artifacts)
     train_lora(again, "Tools", resume=True)  # the saved file is of other weights: dev is scored again
     assert calls == [6]
+
+
+def test_a_dev_evaluation_killed_after_training_resumes_from_its_saved_progress(pipeline, monkeypatch, tmp_path):
+    """The session ended while a finished run scored dev: the restart keeps the ranks saved for the same kept
+    weights and scores only the users after them."""
+    import dataclasses
+    import shutil
+
+    import training.evaluate as ev
+
+    ctx, root, *_ = pipeline
+    paths = Paths(artifacts=tmp_path / "artifacts", results=tmp_path / "results", runs=tmp_path / "runs")
+    shutil.copytree(root / "runs" / "lora-Tools-smoke", paths.runs / "lora-Tools-smoke")
+    again = dataclasses.replace(ctx, paths=paths)
+    run = paths.runs / "lora-Tools-smoke"
+    monkeypatch.setattr(ev, "PROGRESS_EVERY", 2)
+    scored, real = [], ev.rank_of_target
+
+    def killed(*a):  # the third dev user's ranking is never reached: the process dies there
+        if len(scored) == 3:
+            raise KeyboardInterrupt
+        return scored.append(1) or real(*a)
+
+    monkeypatch.setattr(ev, "rank_of_target", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(again, "Tools", resume=True)  # no results file: the finished run scores dev, and is killed
+    saved = json.loads((run / "dev-progress.json").read_text())["per_user"]
+    assert len(saved) == 2
+    marked = [{**p, "rank": 30 - i} for i, p in enumerate(saved)]  # recognisable: the restart must keep these
+    (run / "dev-progress.json").write_text(json.dumps({**json.loads((run / "dev-progress.json").read_text()),
+                                                       "per_user": marked}))
+    scored.clear()
+    monkeypatch.setattr(ev, "rank_of_target", lambda *a: scored.append(1) or real(*a))
+    train_lora(again, "Tools", resume=True)
+    res = json.loads((paths.results / "lora-Tools-smoke.json").read_text())
+    assert len(scored) == 4 and res["per_user"][:2] == marked and len(res["per_user"]) == 6
+    assert not (run / "dev-progress.json").exists()
