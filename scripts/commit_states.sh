@@ -13,13 +13,14 @@ RESULTS=${RESULTS:-results/wave2}
 ARTIFACTS=${ARTIFACTS:-$RUNS/artifacts}
 shopt -s nullglob
 paths=()
+removed=()
 for dir in "$RUNS"/*/; do
   for f in state.json state.safetensors best.safetensors dev-progress.json; do
     if [ -e "$dir$f" ]; then
       paths+=("$dir$f")
     elif git ls-files --error-unmatch -- "$dir$f" >/dev/null 2>&1; then
       git rm -q --cached -- "$dir$f"  # a dev evaluation's progress, removed when it completed
-      paths+=("$dir$f")
+      removed+=("$dir$f")
     fi
   done
 done
@@ -27,7 +28,7 @@ done
 [ ${#paths[@]} -gt 0 ] && git add -f -- "${paths[@]}"
 results=("$RESULTS"/*.json "$RESULTS"/*.png "$RESULTS"/zero_shot/*.json)
 [ ${#results[@]} -gt 0 ] && git add -- "${results[@]}"
-staged=("${paths[@]}" "${results[@]}")
+staged=("${paths[@]}" "${results[@]}" "${removed[@]}")
 if [ ${#staged[@]} -eq 0 ] || git diff --cached --quiet -- "${staged[@]}"; then
   echo "commit_states: nothing changed"
   exit 0
