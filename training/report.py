@@ -294,7 +294,8 @@ def write_report(results: Path, docs: Path, preset: str = "cpu") -> Path:
         parts += ["## Training curves", "",
                   "Validation MRR@10 (the metric that keeps a checkpoint) against train users seen, per target: the "
                   "own LoRA, X-Cross, Pooler+Scorer and the ablations, beside the two chosen sources' zero-shot "
-                  "points on the same validation users; dashed: runs still training when the report was written.",
+                  "points on the same validation users; dashed: runs without a dev result when the report was written "
+                  "(still training, or trained and waiting for their dev evaluation).",
                   "", "![validation MRR@10 during training](training_curves.png)", ""]
     parts += _extra_sections(results, preset)
     parts += ["## Provenance", "", provenance(results), ""]
@@ -312,7 +313,8 @@ def curve_series(results: Path, preset: str, runs: Path | None = None) -> dict[s
     """Per target: each run's validation curve (finished runs from their result files; with `runs`, runs still
     training from their resumable state.json) and its chosen sources' zero-shot validation points.
 
-    {target: {"runs": [{"kind", "label", "running", "step", "curve"}], "sources": {source: metrics}}}"""
+    {target: {"runs": [{"kind", "label", "running", "trained", "step", "curve"}], "sources": {source: metrics}}}
+    `running`: no dev result yet; `trained`: its state says training finished (the dev evaluation is what is left)."""
     out: dict[str, dict] = {}
     zs = _load(results / "zero_shot.json") or {}
     for target in DOMAINS:
@@ -324,6 +326,7 @@ def curve_series(results: Path, preset: str, runs: Path | None = None) -> dict[s
             run = res if res is not None else state
             if run and run.get("curve"):
                 series.append({"kind": kind, "label": label, "running": res is None, "curve": run["curve"],
+                               "trained": res is None and bool(run.get("finished")),
                                "step": run.get("step", run["curve"][-1]["step"]) if res is None else None})
         sources = {s: zs["val"][s][target] for s in zs.get("sources", {}).get(target, [])}
         if series:
@@ -335,7 +338,8 @@ def plot_curves(results: Path, out: Path, preset: str = "cpu", runs: Path | None
                 metric: str = "mrr@10") -> Path | None:
     """One panel per target: validation `metric` (the one that keeps a checkpoint) vs train users seen for the
     target's own LoRA, X-Cross, Pooler+Scorer and the ablations; dotted lines: the two chosen sources' zero-shot
-    points on the same validation users; dashed curves: runs still training (their last evaluation so far)."""
+    points on the same validation users; dashed curves: runs without a dev result (still training, or trained and
+    waiting for their dev evaluation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -351,7 +355,8 @@ def plot_curves(results: Path, out: Path, preset: str = "cpu", runs: Path | None
     colors = dict(zip(CURVE_KINDS, palette, strict=True))
     for ax, (target, panel) in zip(axes.flat, panels.items(), strict=False):  # spare axes: off
         for r in panel["runs"]:
-            label = r["label"] + (f" (training, step {r['step']:,})" if r["running"] else "")
+            label = r["label"] + ("" if not r["running"] else " (trained, dev pending)" if r["trained"]
+                                  else f" (training, step {r['step']:,})")
             ax.plot([c["users_seen"] / 1000 for c in r["curve"]], [c[metric] for c in r["curve"]], marker="o",
                     ms=3, color=colors[r["kind"]], ls="--" if r["running"] else "-", label=label)
         for (src, m), ls in zip(panel["sources"].items(), (":", "-."), strict=False):

@@ -26,12 +26,16 @@ def test_curves_come_from_results_and_from_the_states_of_runs_still_training(tmp
     _write(results / "pooler-scorer-Tools-cpu.json", {"curve": _curve((1000, 16.0), (2000, 16.5))})
     _write(runs / "pooler-scorer-Tools-cpu" / "state.json", {"step": 1500, "curve": _curve((1000, 16.0))})
     _write(runs / "minus-layers-Tools-cpu" / "state.json", {"step": 20, "curve": []})  # no evaluation yet
+    # trained to the end, dev evaluation not done yet
+    _write(runs / "minus-experts-Tools-cpu" / "state.json", {"step": 2960, "finished": True,
+                                                             "curve": _curve((1000, 17.0), (2000, 17.2))})
 
     panels = curve_series(results, "cpu", runs)
     assert list(panels) == ["Tools"]
     tools = panels["Tools"]
-    assert [(r["kind"], r["running"], r["step"]) for r in tools["runs"]] == [
-        ("lora", False, None), ("xcross", True, 1325), ("pooler-scorer", False, None)]
+    assert [(r["kind"], r["running"], r["trained"], r["step"]) for r in tools["runs"]] == [
+        ("lora", False, False, None), ("xcross", True, False, 1325), ("pooler-scorer", False, False, None),
+        ("minus-experts", True, True, 2960)]
     assert [c["mrr@10"] for c in tools["runs"][2]["curve"]] == [16.0, 16.5]
     assert {s: m["mrr@10"] for s, m in tools["sources"].items()} == {"Sports": 10.0, "Electronics": 11.0}
 
