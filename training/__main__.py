@@ -29,12 +29,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from training.data import DOMAINS, check_domain
+from training.evaluate import bf16_allowed
 from training.onboard import register as register_onboard
 from training.pipeline import Context, Paths
 from training.presets import get_preset
@@ -85,8 +87,13 @@ def _ctx(preset: str, quiet: bool, seed: int = 0, artifacts: Path | None = None,
     paths.runs, paths.data = runs or paths.runs, data
     try:
         chosen = get_preset(preset, overrides or [], tag)
+        allowed, why = bf16_allowed()
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if not allowed and (chosen.lora.bf16 or chosen.xcross.bf16):
+        # the same preset and run names (a run resumes across machines); the result records the precision note
+        logging.getLogger("training").warning("bf16 autocast off: %s", why)
+        chosen = replace(chosen, lora=replace(chosen.lora, bf16=False), xcross=replace(chosen.xcross, bf16=False))
     return Context(chosen, paths, seed=seed, progress=not quiet)
 
 

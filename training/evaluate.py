@@ -44,11 +44,36 @@ def step_batched() -> bool:
     return train_device().type == "cuda" if flag is None else flag.strip() in ("1", "true", "yes")
 
 
+BF16_ENV = "XCROSS_TRAIN_BF16"  # auto (default) | on | off
+
+
+def bf16_allowed() -> tuple[bool, str]:
+    """Whether a preset's bf16 autocast runs here, and why: `$XCROSS_TRAIN_BF16` on/off, else `auto`, which keeps
+    it on a GPU and on a CPU with native bf16 matmuls (AMX, AVX512-BF16) and turns it off where the CPU only
+    emulates bf16 (AVX2: a MiniLM forward ~6x slower than fp32, docs/performance-epyc.md), as the service's
+    `auto` backend does."""
+    flag = os.environ.get(BF16_ENV, "auto").strip().lower() or "auto"
+    if flag not in ("auto", "on", "off"):
+        raise ValueError(f"{BF16_ENV}={flag!r}: use auto, on or off")
+    if flag != "auto":
+        return flag == "on", f"{BF16_ENV}={flag}"
+    if train_device().type == "cuda":
+        return True, "GPU"
+    from service.machine import cpu_bf16_flags
+
+    native = cpu_bf16_flags()
+    return (True, f"native bf16 ({', '.join(native)})") if native else (False, "this CPU emulates bf16 (no AMX or "
+                                                                       "AVX512-BF16): fp32 is ~6x faster")
+
+
 def device_info() -> dict:
-    """Recorded in every result file: where it ran."""
+    """Recorded in every result file: where it ran (and, where the preset's bf16 was turned off here, why)."""
     dev = train_device()
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     note = {"run_note": os.environ["XCROSS_RUN_NOTE"]} if os.environ.get("XCROSS_RUN_NOTE") else {}
+    allowed, why = bf16_allowed()
+    if not allowed:
+        note["precision_note"] = f"fp32 where the preset asks for bf16 autocast: {why}"
     return {"device": f"{dev.type}:{name}" if dev.type == "cuda" else "cpu", "step_batched": step_batched(), **note}
 
 

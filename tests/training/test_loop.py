@@ -195,3 +195,26 @@ def test_train_device_names_a_missing_gpu(monkeypatch):
         monkeypatch.setenv("XCROSS_TRAIN_DEVICE", "cuda")
         with pytest.raises(RuntimeError, match="XCROSS_TRAIN_DEVICE"):
             train_device()
+
+
+def test_bf16_is_turned_off_where_the_cpu_only_emulates_it(monkeypatch):
+    import service.machine
+    from training.__main__ import _ctx
+    from training.evaluate import BF16_ENV, bf16_allowed, device_info
+
+    monkeypatch.delenv("XCROSS_TRAIN_DEVICE", raising=False)
+    monkeypatch.delenv(BF16_ENV, raising=False)
+    monkeypatch.setattr(service.machine, "cpu_bf16_flags", lambda *a: [])  # an AVX2-only CPU
+    assert bf16_allowed()[0] is False
+    assert "emulates" in device_info()["precision_note"]
+    ctx = _ctx("cpu", quiet=True)  # same preset name (runs resume across machines), bf16 off for both stages
+    assert ctx.preset.name == "cpu" and not ctx.preset.lora.bf16 and not ctx.preset.xcross.bf16
+    monkeypatch.setenv(BF16_ENV, "on")  # forced on: kept, and no note
+    assert bf16_allowed()[0] is True and "precision_note" not in device_info()
+    assert _ctx("cpu", quiet=True).preset.lora.bf16
+    monkeypatch.delenv(BF16_ENV)
+    monkeypatch.setattr(service.machine, "cpu_bf16_flags", lambda *a: ["amx_bf16"])  # native bf16: kept
+    assert bf16_allowed() == (True, "native bf16 (amx_bf16)") and _ctx("cpu", quiet=True).preset.xcross.bf16
+    monkeypatch.setenv(BF16_ENV, "maybe")
+    with pytest.raises(ValueError, match="auto, on or off"):
+        bf16_allowed()
